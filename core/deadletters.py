@@ -1,0 +1,76 @@
+"""The dead-letter log: bounded, on disk, readable by `smartcover deadletters`.
+
+Two JSON-lines files: the current one and the one before it. When the current file holds
+half the capacity it replaces the older one, so the log keeps between half the capacity
+and the whole of it, newest last, and never grows without bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Bytes of a bad payload kept in a dead letter: enough to see what was wrong.
+PAYLOAD_EXCERPT_BYTES = 512
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    at_ms: int
+    topic: str
+    reason: str
+    detail: str
+    payload: str  # the first PAYLOAD_EXCERPT_BYTES bytes, decoded with replacement
+
+    @classmethod
+    def of(cls, *, at_ms: int, topic: str, reason: str, detail: str, payload: bytes) -> DeadLetter:
+        excerpt = payload[:PAYLOAD_EXCERPT_BYTES].decode("utf-8", errors="replace")
+        return cls(at_ms, topic, reason, detail[:500], excerpt)
+
+
+class DeadLetterLog:
+    """Append-only with rotation. Blocking file I/O: call it from a worker thread."""
+
+    def __init__(self, path: Path, capacity: int) -> None:
+        self._path = path
+        self._previous = path.with_name(path.name + ".1")
+        self._rotate_at = max(1, capacity // 2)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._count = self._count_lines(path)
+
+    @staticmethod
+    def _count_lines(path: Path) -> int:
+        if not path.exists():
+            return 0
+        with open(path, "rb") as handle:
+            return sum(1 for _ in handle)
+
+    def append(self, letters: Sequence[DeadLetter]) -> None:
+        """Writes and fsyncs; the messages behind the letters may be acknowledged after."""
+        if not letters:
+            return
+        lines = "".join(json.dumps(asdict(letter), ensure_ascii=False) + "\n" for letter in letters)
+        with open(self._path, "a", encoding="utf-8") as handle:
+            handle.write(lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._count += len(letters)
+        if self._count >= self._rotate_at:
+            os.replace(self._path, self._previous)
+            self._count = 0
+
+    def newest(self, limit: int) -> list[DeadLetter]:
+        """The newest `limit` dead letters, newest first."""
+        letters: list[DeadLetter] = []
+        for path in (self._path, self._previous):
+            if not path.exists():
+                continue
+            with open(path, encoding="utf-8") as handle:
+                rows = [json.loads(line) for line in handle if line.strip()]
+            letters.extend(DeadLetter(**row) for row in reversed(rows))
+            if len(letters) >= limit:
+                break
+        return letters[:limit]

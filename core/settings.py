@@ -1,0 +1,143 @@
+"""Typed settings, read once from the environment (or `.env`) at start-up and passed down."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Self
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# An MQTT client id that also works as a Mosquitto ACL pattern: no wildcards, no slash.
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Shortest bootstrap admin key accepted outside development (128 bits of base64 text).
+_MIN_ADMIN_KEY_CHARS = 22
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+class MqttEndpoint(BaseModel, frozen=True):
+    """The broker address taken apart: `mqtt[s]://user:password@host:port`."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: SecretStr | None
+
+    @classmethod
+    def parse(cls, url: str) -> MqttEndpoint:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"MQTT URL must start with mqtt:// or mqtts://, not {parts.scheme!r}")
+        if not parts.hostname:
+            raise ValueError("MQTT URL has no host")
+        tls = parts.scheme == "mqtts"
+        return cls(
+            host=parts.hostname,
+            port=parts.port or (8883 if tls else 1883),
+            tls=tls,
+            username=unquote(parts.username) if parts.username else None,
+            password=SecretStr(unquote(parts.password)) if parts.password else None,
+        )
+
+
+class Settings(BaseSettings):
+    """Everything configurable; names are DESIGN §9's, prefixed `SMARTCOVER_`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SMARTCOVER_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    env: Environment = Environment.DEVELOPMENT
+    log_level: str = "INFO"
+
+    mqtt_url: SecretStr = SecretStr("mqtt://127.0.0.1:1883")
+    mqtt_client_id: str = "smartcover-ingest"
+    # Empty: a plain subscription. A name: `$share/<name>/…`, to spread load over workers.
+    mqtt_share_group: str = ""
+    # How long the broker keeps our session (and queues our messages) while we are away.
+    mqtt_session_expiry_s: Annotated[int, Field(ge=60, le=0xFFFFFFFF)] = 7 * 24 * 3600
+    # MQTT 5 Receive Maximum: un-acknowledged messages the broker may have out to us.
+    # It must cover the batch being written plus the one filling up, with room to spare.
+    mqtt_receive_maximum: Annotated[int, Field(ge=1, le=65535)] = 30000
+
+    influx_url: str = ""
+    influx_db: str = "smartcover"
+    influx_token: SecretStr = SecretStr("")
+    influx_user: str = ""
+    influx_password: SecretStr = SecretStr("")
+    influx_create_db: bool = True
+    influx_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+
+    database_url: str = "sqlite:///./smartcover.db"
+    spool_dir: Path = Path("./spool")
+    deadletter_capacity: Annotated[int, Field(ge=100)] = 10000
+
+    api_host: str = "127.0.0.1"
+    api_port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    admin_key: SecretStr = SecretStr("")
+
+    # A batch is written when it holds this many readings or is this old, whichever first.
+    batch_size: Annotated[int, Field(ge=1, le=20000)] = 5000
+    batch_max_age_ms: Annotated[int, Field(ge=1, le=60000)] = 200
+    # Retries of a failing write before the batch goes to the local spool instead.
+    write_deadline_s: Annotated[float, Field(gt=0)] = 3.0
+    shutdown_deadline_s: Annotated[float, Field(gt=0)] = 15.0
+
+    tilt_confirm_s: Annotated[float, Field(gt=0)] = 30.0
+    verify_window_s: Annotated[float, Field(gt=0)] = 1800.0
+    verify_min_readings: Annotated[int, Field(ge=1)] = 3
+
+    @field_validator("mqtt_client_id")
+    @classmethod
+    def _client_id_is_fixed(cls, value: str) -> str:
+        # A persistent session is found again by its client id: it must be set and stable.
+        if not _CLIENT_ID.match(value):
+            raise ValueError("must be 1-64 characters of [A-Za-z0-9_.-] (persistent session id)")
+        return value
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url_parses(cls, value: SecretStr) -> SecretStr:
+        MqttEndpoint.parse(value.get_secret_value())
+        return value
+
+    @field_validator("influx_url")
+    @classmethod
+    def _influx_url_is_http(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL, or empty for the embedded store")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _safe_outside_development(self) -> Self:
+        if self.env is Environment.DEVELOPMENT:
+            return self
+        if len(self.admin_key.get_secret_value()) < _MIN_ADMIN_KEY_CHARS:
+            raise ValueError(
+                f"SMARTCOVER_ADMIN_KEY must be at least {_MIN_ADMIN_KEY_CHARS} random characters"
+                " outside development (try: python -c 'import secrets;"
+                " print(secrets.token_urlsafe(24))')"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _window_covers_two_batches(self) -> Self:
+        # With fewer un-acknowledged messages allowed than two batches, the broker stops
+        # sending before a batch fills, and every batch waits for its age limit.
+        if self.mqtt_receive_maximum < 2 * self.batch_size:
+            raise ValueError(
+                "SMARTCOVER_MQTT_RECEIVE_MAXIMUM must be at least twice the batch size"
+            )
+        return self
+
+    @property
+    def mqtt(self) -> MqttEndpoint:
+        return MqttEndpoint.parse(self.mqtt_url.get_secret_value())

@@ -1,0 +1,1 @@
+"""The MQTT consumer: receive telemetry, decode it, batch it into the time-series store."""

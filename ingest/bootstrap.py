@@ -1,0 +1,54 @@
+"""Builds the ingest pipeline from settings: store, spool, dead-letter log, writer, service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from core.deadletters import DeadLetterLog
+from core.settings import Settings
+from core.timeseries import InfluxConfig, InfluxStore, ReadingStore
+from ingest.metrics import IngestMetrics
+from ingest.service import IngestService, wall_clock_ms
+from ingest.spool import Spool
+from ingest.writer import BatchWriter
+
+
+class ConfigurationError(Exception):
+    """The settings cannot run this part; the message says what to set."""
+
+
+@dataclass
+class IngestParts:
+    store: ReadingStore
+    writer: BatchWriter
+    service: IngestService
+    metrics: IngestMetrics
+
+
+def deadletter_log(settings: Settings) -> DeadLetterLog:
+    return DeadLetterLog(settings.spool_dir / "deadletters.jsonl", settings.deadletter_capacity)
+
+
+def build_store(settings: Settings) -> ReadingStore:
+    if not settings.influx_url:
+        raise ConfigurationError(
+            "SMARTCOVER_INFLUX_URL is empty: set it to your InfluxDB, e.g. http://127.0.0.1:8086"
+        )
+    return InfluxStore(InfluxConfig.from_settings(settings))
+
+
+def build_ingest(settings: Settings, registry: CollectorRegistry) -> IngestParts:
+    metrics = IngestMetrics(registry)
+    store = build_store(settings)
+    writer = BatchWriter(
+        store=store,
+        spool=Spool(settings.spool_dir / "readings"),
+        dead_letters=deadletter_log(settings),
+        metrics=metrics,
+        deadline_s=settings.write_deadline_s,
+        clock_ms=wall_clock_ms,
+    )
+    service = IngestService(settings=settings, writer=writer, metrics=metrics)
+    return IngestParts(store=store, writer=writer, service=service, metrics=metrics)

@@ -1,0 +1,287 @@
+"""The ingest service: broker session, decoding into batches, writing, acknowledging, stopping.
+
+The flow of one message: the connection hands each PUBLISH to `_on_message` (synchronous,
+in the event loop); it is decoded at once and added to the open batch together with its
+packet id. A batch is sealed when full or old; sealed batches are made durable one after
+another by the writer, and only then are their packet ids acknowledged, all in one write.
+While two sealed batches wait, the socket is not read: the broker holds the rest
+(back-pressure instead of an unbounded queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from core.contract import TELEMETRY_FILTER, Reason, TelemetryDecoder
+from core.deadletters import DeadLetter
+from core.settings import Settings
+from ingest import mqtt
+from ingest.errors import MqttError, MqttRefused
+from ingest.metrics import IngestMetrics
+from ingest.writer import Batch, BatchWriter
+
+logger = logging.getLogger(__name__)
+
+# Sealed batches allowed to wait for the writer before the socket stops being read.
+_MAX_SEALED_BATCHES = 2
+# Reconnect back-off: from half a second up to half a minute, with jitter.
+_RECONNECT_FIRST_S = 0.5
+_RECONNECT_MAX_S = 30.0
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class IngestOptions:
+    """The settings the pipeline uses, taken once from `Settings`."""
+
+    endpoint_url: str
+    client_id: str
+    share_group: str
+    session_expiry_s: int
+    receive_maximum: int
+    batch_size: int
+    batch_max_age_s: float
+    shutdown_deadline_s: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> IngestOptions:
+        return cls(
+            endpoint_url=settings.mqtt_url.get_secret_value(),
+            client_id=settings.mqtt_client_id,
+            share_group=settings.mqtt_share_group,
+            session_expiry_s=settings.mqtt_session_expiry_s,
+            receive_maximum=settings.mqtt_receive_maximum,
+            batch_size=settings.batch_size,
+            batch_max_age_s=settings.batch_max_age_ms / 1000,
+            shutdown_deadline_s=settings.shutdown_deadline_s,
+        )
+
+    def topic_filters(self) -> list[tuple[str, int]]:
+        telemetry = TELEMETRY_FILTER
+        if self.share_group:
+            telemetry = f"$share/{self.share_group}/{TELEMETRY_FILTER}"
+        return [(telemetry, 1)]
+
+
+class IngestService:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        writer: BatchWriter,
+        metrics: IngestMetrics,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self._options = IngestOptions.from_settings(settings)
+        self._endpoint = settings.mqtt
+        self._writer = writer
+        self._metrics = metrics
+        self._clock_ms = clock_ms
+        self._decoder = TelemetryDecoder()
+        self._connection: mqtt.MqttConnection | None = None
+        self._connection_id = 0
+        self._batch = Batch(connection_id=0)
+        self._sealed: asyncio.Queue[Batch] = asyncio.Queue()
+        self._stopping = False
+
+    @property
+    def broker_connected(self) -> bool:
+        return self._connection is not None and self._connection.is_open
+
+    # The hot path: called by the connection for every PUBLISH.
+
+    def _on_message(self, message: mqtt.Message) -> None:
+        batch = self._batch
+        if not batch.messages:
+            batch.opened_at = time.monotonic()
+        batch.messages += 1
+        if message.packet_id:
+            batch.packet_ids.append(message.packet_id)
+        topic = message.topic
+        parts = topic.split("/")
+        if len(parts) == 3 and parts[2] == "telemetry":
+            now_ms = self._clock_ms()
+            decoded = self._decoder.decode(parts[1], message.payload, now_ms)
+            batch.readings.extend(decoded.readings)
+            for rejection in decoded.rejections:
+                batch.dead_letters.append(
+                    DeadLetter.of(
+                        at_ms=now_ms,
+                        topic=topic,
+                        reason=rejection.reason,
+                        detail=rejection.detail,
+                        payload=message.payload,
+                    )
+                )
+        else:
+            batch.dead_letters.append(
+                DeadLetter.of(
+                    at_ms=self._clock_ms(),
+                    topic=topic,
+                    reason=Reason.TOPIC_MISMATCH,
+                    detail="not a telemetry topic",
+                    payload=message.payload,
+                )
+            )
+        if batch.size >= self._options.batch_size or batch.messages >= self._options.batch_size:
+            self._seal()
+
+    def _seal(self) -> None:
+        batch = self._batch
+        self._batch = Batch(connection_id=self._connection_id)
+        if not batch.messages:
+            return
+        self._metrics.count_received(batch.messages)
+        self._sealed.put_nowait(batch)
+        if self._sealed.qsize() >= _MAX_SEALED_BATCHES and self._connection is not None:
+            self._connection.pause_reading()
+
+    # Tasks
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Runs until `stop` is set, then drains within the shutdown deadline."""
+        started = time.monotonic()
+        async with asyncio.TaskGroup() as group:
+            write_task = group.create_task(self._write_forever(), name="ingest-writer")
+            age_task = group.create_task(self._seal_old_batches(), name="ingest-batch-age")
+            replay_task = group.create_task(self._writer.replay_forever(), name="spool-replay")
+            try:
+                await self._stay_connected(stop)
+            finally:
+                for task in (write_task, age_task, replay_task):
+                    task.cancel()
+        self._log_summary(time.monotonic() - started)
+
+    async def _stay_connected(self, stop: asyncio.Event) -> None:
+        """The reconnect loop: one `async with` per connection, re-subscribing each time."""
+        attempt = 0
+        options = mqtt.SessionOptions(
+            client_id=self._options.client_id,
+            session_expiry_s=self._options.session_expiry_s,
+            receive_maximum=self._options.receive_maximum,
+        )
+        while not stop.is_set():
+            try:
+                async with mqtt.connect(self._endpoint, options, self._on_message) as connection:
+                    await self._serve_connection(connection, stop)
+                    attempt = 0
+                    if stop.is_set():
+                        await self._drain(connection)
+                        return
+            except MqttError as exc:
+                self._connection_lost()
+                delay = self._reconnect_delay(attempt, exc)
+                attempt += 1
+                logger.warning("MQTT: %s; reconnecting in %.1f s", exc, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+        await self._drain(None)
+
+    async def _serve_connection(self, connection: mqtt.MqttConnection, stop: asyncio.Event) -> None:
+        self._connection_id += 1
+        self._connection = connection
+        self._batch = Batch(connection_id=self._connection_id)
+        self._metrics.broker_connected.set(1)
+        await connection.subscribe(self._options.topic_filters())
+        logger.info(
+            "MQTT connected to %s:%d as %s (session present: %s)",
+            self._endpoint.host,
+            self._endpoint.port,
+            self._options.client_id,
+            connection.session_present,
+        )
+        stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        waiting: list[asyncio.Future[Any]] = [stopped, connection.closed]
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not stop.is_set():
+            raise MqttError("connection closed")
+
+    def _connection_lost(self) -> None:
+        self._metrics.broker_connected.set(0)
+        if self._connection is not None:
+            # What was received on the lost connection is still written, but its packet
+            # ids mean nothing on the next one: the broker sends those messages again.
+            self._seal()
+        self._connection = None
+
+    @staticmethod
+    def _reconnect_delay(attempt: int, exc: MqttError) -> float:
+        ceiling = min(_RECONNECT_MAX_S, _RECONNECT_FIRST_S * 2**attempt)
+        if isinstance(exc, MqttRefused):
+            ceiling = _RECONNECT_MAX_S  # wrong credentials are not fixed in a second
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 -- jitter
+
+    async def _drain(self, connection: mqtt.MqttConnection | None) -> None:
+        """Stops intake, writes what was received and acknowledges it, within the deadline."""
+        self._stopping = True
+        if connection is not None:
+            connection.pause_reading()
+        self._seal()
+        try:
+            async with asyncio.timeout(self._options.shutdown_deadline_s):
+                await self._sealed.join()
+        except TimeoutError:
+            logger.error(
+                "shutdown deadline of %.0f s passed with %d batches unwritten; the "
+                "broker will deliver them again",
+                self._options.shutdown_deadline_s,
+                self._sealed.qsize(),
+            )
+
+    async def _write_forever(self) -> None:
+        while True:
+            batch = await self._sealed.get()
+            try:
+                await self._writer.persist(batch)
+                self._acknowledge(batch)
+            finally:
+                self._sealed.task_done()
+            connection = self._connection
+            if (
+                connection is not None
+                and self._sealed.qsize() < _MAX_SEALED_BATCHES
+                and not self._stopping
+            ):
+                connection.resume_reading()
+
+    def _acknowledge(self, batch: Batch) -> None:
+        connection = self._connection
+        if connection is None or batch.connection_id != self._connection_id:
+            return  # that connection is gone; the broker redelivers, the store overwrites
+        self._metrics.count_acknowledged(connection.ack(batch.packet_ids))
+
+    async def _seal_old_batches(self) -> None:
+        """Seals the open batch when it is old, so a quiet stream is written too."""
+        max_age = self._options.batch_max_age_s
+        while True:
+            await asyncio.sleep(max_age / 4)
+            batch = self._batch
+            if batch.messages and time.monotonic() - batch.opened_at >= max_age:
+                self._seal()
+
+    def _log_summary(self, elapsed_s: float) -> None:
+        totals = self._metrics.totals
+        logger.info(
+            "ingest stopped after %.1f s: received %d, stored %d (replayed %d), spooled %d, "
+            "dead-lettered %d, acknowledged %d",
+            elapsed_s,
+            totals.received,
+            totals.stored,
+            totals.replayed,
+            totals.spooled,
+            totals.dead_lettered,
+            totals.acknowledged,
+        )

@@ -1,0 +1,1 @@
+"""The `smartcover` command line and the wiring that runs the parts together."""

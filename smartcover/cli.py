@@ -1,0 +1,100 @@
+"""The `smartcover` command: one entry point, a subcommand per part (DESIGN §9)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from core import logs
+from core.settings import Settings
+from ingest.bootstrap import ConfigurationError, deadletter_log
+
+app = typer.Typer(
+    help="smartcover: sensor-equipped manhole covers, from MQTT to dispatch.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        console.print(f"[red]Invalid settings:[/red]\n{exc}")
+        raise typer.Exit(2) from None
+
+
+def _run_server(with_api: bool) -> None:
+    from smartcover.serve import serve  # noqa: PLC0415 -- keeps `--help` fast
+
+    settings = _settings()
+    logs.configure(settings.log_level)
+    try:
+        asyncio.run(serve(settings, with_api=with_api))
+    except ConfigurationError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve() -> None:
+    """Ingest and the HTTP API in one process (a single-node deployment)."""
+    _run_server(with_api=True)
+
+
+@app.command()
+def ingest() -> None:
+    """The MQTT consumer alone (with /healthz, /readyz and /metrics), to scale out."""
+    _run_server(with_api=True)
+
+
+@app.command()
+def deadletters(
+    limit: Annotated[int, typer.Option(help="How many of the newest to show.")] = 20,
+) -> None:
+    """Lists the newest dead letters: time, topic, reason and the start of the payload."""
+    letters = deadletter_log(_settings()).newest(limit)
+    table = Table("time (UTC)", "topic", "reason", "detail", "payload", show_lines=False)
+    for letter in letters:
+        when = datetime.fromtimestamp(letter.at_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(when, letter.topic, letter.reason, letter.detail[:80], letter.payload[:60])
+    console.print(table if letters else "No dead letters.")
+
+
+@app.command()
+def sim(
+    load: Annotated[int, typer.Option(help="Publish this many readings as fast as possible.")],
+    devices: Annotated[int, typer.Option(help="Spread over this many devices.")] = 1000,
+    procs: Annotated[int, typer.Option(help="Publisher processes.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed for reproducible values.")] = 1,
+) -> None:
+    """The device simulator (load mode for now): readings per the wire contract, QoS 1."""
+    from device_sim.load import LoadPlan, run_load  # noqa: PLC0415 -- keeps `--help` fast
+
+    settings = _settings()
+    plan = LoadPlan(
+        url=settings.mqtt_url.get_secret_value(),
+        readings=load,
+        devices=devices,
+        processes=procs,
+        seed=seed,
+    )
+    result = run_load(plan)
+    console.print(
+        f"published {result.published}, acknowledged by the broker "
+        f"{result.acknowledged} in {result.seconds:.1f} s ({result.rate:,.0f}/s)"
+    )
+    if result.acknowledged != result.published:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    sys.exit(app())
