@@ -1,0 +1,5 @@
+"""`python -m smartcover` runs the CLI."""
+
+from smartcover.cli import main
+
+main()
