@@ -199,6 +199,8 @@ class MqttConnection(asyncio.Protocol):
         self._acks: dict[int, asyncio.Future[bytes]] = {}
         self._next_packet_id = 0
         self._paused = False
+        self._ack_progress: asyncio.Future[None] | None = None
+        self.pipelined_acks = 0
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.session_present = False
         self.last_received = time.monotonic()
@@ -214,6 +216,8 @@ class MqttConnection(asyncio.Protocol):
         self._transport = None
         error = MqttError(f"connection lost: {exc or 'closed by broker'}")
         waiters: list[asyncio.Future[Any]] = [self._connack, *self._acks.values()]
+        if self._ack_progress is not None:
+            waiters.append(self._ack_progress)
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(error)
@@ -307,8 +311,26 @@ class MqttConnection(asyncio.Protocol):
     def _settle(self, body: bytes) -> None:
         (packet_id,) = struct.unpack_from("!H", body, 0)
         waiter = self._acks.pop(packet_id, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(body[2:])
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(body[2:])
+            return
+        self.pipelined_acks += 1
+        progress = self._ack_progress
+        if progress is not None and not progress.done():
+            progress.set_result(None)
+
+    # Pipelined publishing: many QoS 1 PUBLISH packets in one write, acks only counted.
+    # For the load generator; the packet ids are the caller's and must not collide with
+    # those of awaited requests on the same connection (so use one or the other).
+
+    async def pipelined_acks_advance(self) -> None:
+        """Waits until at least one more pipelined PUBACK has arrived."""
+        self._ack_progress = asyncio.get_running_loop().create_future()
+        try:
+            await self._ack_progress
+        finally:
+            self._ack_progress = None
 
     # What the owner of the connection does
 
