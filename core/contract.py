@@ -17,7 +17,7 @@ FUTURE_LIMIT_MS = 10 * 60 * 1000  # a device clock more than 10 min ahead is wro
 STALE_LIMIT_MS = 7 * 24 * 3600 * 1000  # older than a week: not telemetry any more
 SEQ_MAX = 2**32 - 1
 
-DEVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+DEVICE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # always used with fullmatch
 TELEMETRY_TOPIC = "covers/{device_id}/telemetry"
 STATUS_TOPIC = "covers/{device_id}/status"
 ALERTS_TOPIC = "alerts/{unit_code}"
@@ -73,7 +73,8 @@ def _ts_to_ms(value: int | str) -> int:
         return value
     if "T" not in value and "t" not in value:
         raise ValueError("ts string must be RFC 3339, e.g. 2026-11-28T10:00:00Z")
-    stamp = datetime.fromisoformat(value)
+    # RFC 3339 allows a lower-case "t" and "z"; fromisoformat does not before Python 3.12.
+    stamp = datetime.fromisoformat(value.upper())
     if stamp.tzinfo is None:
         raise ValueError("ts string must carry a UTC offset (RFC 3339)")
     return round(stamp.timestamp() * 1000)
@@ -160,6 +161,11 @@ class TelemetryDecoder:
     """
 
     def decode(self, topic_device_id: str, payload: bytes, now_ms: int) -> Decoded:
+        if not DEVICE_ID.fullmatch(topic_device_id):
+            return _rejected(
+                Reason.SCHEMA,
+                f"device_id {topic_device_id[:64]!r} is not 1-64 characters of [A-Za-z0-9_.-]",
+            )
         if len(payload) > MAX_PAYLOAD_BYTES:
             return _rejected(Reason.TOO_LARGE, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
         try:
@@ -236,6 +242,6 @@ def _mismatch(payload_id: str, topic_id: str) -> str:
 def device_id_from_topic(topic: str) -> str | None:
     """`covers/{device_id}/telemetry` → device_id, or None when the topic is not ours."""
     parts = topic.split("/")
-    if len(parts) != 3 or parts[0] != "covers" or not DEVICE_ID.match(parts[1]):
+    if len(parts) != 3 or parts[0] != "covers" or parts[2] != "telemetry":
         return None
-    return parts[1]
+    return parts[1] if DEVICE_ID.fullmatch(parts[1]) else None

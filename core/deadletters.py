@@ -50,6 +50,17 @@ class DeadLetterLog:
 
     def append(self, letters: Sequence[DeadLetter]) -> None:
         """Writes and fsyncs; the messages behind the letters may be acknowledged after."""
+        # One call never holds more than a file's worth: beyond that only the newest count.
+        letters = letters[-self._rotate_at :]
+        room = max(0, self._rotate_at - self._count)
+        self._write(letters[:room])
+        if letters and len(letters) >= room:
+            # The current file is full: it becomes the previous one, and the rest starts anew.
+            os.replace(self._path, self._previous)
+            self._count = 0
+            self._write(letters[room:])
+
+    def _write(self, letters: Sequence[DeadLetter]) -> None:
         if not letters:
             return
         lines = "".join(json.dumps(asdict(letter), ensure_ascii=False) + "\n" for letter in letters)
@@ -58,9 +69,6 @@ class DeadLetterLog:
             handle.flush()
             os.fsync(handle.fileno())
         self._count += len(letters)
-        if self._count >= self._rotate_at:
-            os.replace(self._path, self._previous)
-            self._count = 0
 
     def newest(self, limit: int) -> list[DeadLetter]:
         """The newest `limit` dead letters, newest first."""
@@ -68,9 +76,19 @@ class DeadLetterLog:
         for path in (self._path, self._previous):
             if not path.exists():
                 continue
-            with open(path, encoding="utf-8") as handle:
-                rows = [json.loads(line) for line in handle if line.strip()]
-            letters.extend(DeadLetter(**row) for row in reversed(rows))
+            letters.extend(reversed(_read_letters(path)))
             if len(letters) >= limit:
                 break
         return letters[:limit]
+
+
+def _read_letters(path: Path) -> list[DeadLetter]:
+    """The letters of one file, oldest first; a line cut short by a crash is skipped."""
+    letters: list[DeadLetter] = []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            try:
+                letters.append(DeadLetter(**json.loads(line)))
+            except (ValueError, TypeError):
+                continue
+    return letters

@@ -111,6 +111,7 @@ class IngestService:
         parts = topic.split("/")
         if len(parts) == 3 and parts[2] == "telemetry":
             now_ms = self._clock_ms()
+            # The decoder checks the topic's device id against the contract's pattern.
             decoded = self._decoder.decode(parts[1], message.payload, now_ms)
             batch.readings.extend(decoded.readings)
             for rejection in decoded.rejections:

@@ -62,6 +62,15 @@ class StoreHealth:
     last_error: str = ""
 
 
+def _device_of(point: bytes) -> str:
+    """The device_id tag of an encoded point (ids are [A-Za-z0-9_.-]: nothing escaped)."""
+    series = point.split(b" ", 1)[0]
+    for tag in series.split(b",")[1:]:
+        if tag.startswith(b"device_id="):
+            return tag.removeprefix(b"device_id=").decode(errors="replace")
+    return "unknown"
+
+
 def _backoff(attempt: int) -> float:
     ceiling = min(_MAX_BACKOFF_S, _FIRST_BACKOFF_S * 2**attempt)
     return random.uniform(ceiling / 2, ceiling)  # noqa: S311 -- jitter, not cryptography
@@ -109,7 +118,7 @@ class BatchWriter:
             )
 
     def _rejected_letter(self, point: bytes, why: str) -> DeadLetter:
-        device = point.split(b",", 2)[1].removeprefix(b"device_id=").decode(errors="replace")
+        device = _device_of(point)
         return DeadLetter.of(
             at_ms=self._clock_ms(),
             topic=f"covers/{device}/telemetry",
