@@ -31,8 +31,9 @@ check: install
 bench: install servers
 	$(BIN)/python -m bench.ingest
 
+# Until the embedded demo lands: the service against a local Mosquitto and InfluxDB.
 demo: install
-	$(BIN)/smartcover demo
+	SMARTCOVER_INFLUX_URL=$${SMARTCOVER_INFLUX_URL:-http://127.0.0.1:8086} $(BIN)/smartcover serve
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
