@@ -1,0 +1,1 @@
+"""Alembic migrations of the relational store; run them with `smartcover db upgrade`."""

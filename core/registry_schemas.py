@@ -1,0 +1,388 @@
+"""Public shapes of registry records (units, roads, covers, devices, bindings), validated.
+
+These are the request and response bodies of the API as well as what the registry's
+data functions take and return. Field names of the unit record and of the census are
+fixed by DESIGN §11.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    model_validator,
+)
+
+from core.contract import DEVICE_ID
+
+# -- the standard cover number (CJ/T 214-2007, GB/T 30428.2-2013) ----------------------
+
+COVER_NUMBER_DIGITS = 16
+PUBLIC_FACILITIES = "01"  # major class of the public-facilities components
+UNKNOWN_OWNER_CLASS = "14"  # 无主井盖: owned by the township unit (DESIGN §6)
+
+# The minor classes of major class 01 that are covers, as the standard's table lists
+# them. 13 (消防设施, fire hydrants) and 15 onwards (交接箱, 电杆, 路灯, 报刊亭, …) are
+# components of the same class but not covers; codes from 27 on are local extensions
+# that differ between cities (中水, 输油(气), 公交, …) and are not accepted.
+COVER_CLASSES: dict[str, str] = {
+    "01": "上水井盖 water supply",
+    "02": "污水井盖 sewage",
+    "03": "雨水井盖 storm water",
+    "04": "雨水箅子 storm-water grate",
+    "05": "电力井盖 power",
+    "06": "路灯井盖 street lighting",
+    "07": "通讯井盖 telecom",
+    "08": "电视井盖 cable TV",
+    "09": "网络井盖 network",
+    "10": "热力井盖 heating",
+    "11": "燃气井盖 gas",
+    "12": "公安井盖 public security",
+    "14": "无主井盖 unknown owner",
+}
+
+# First two digits of a GB/T 2260 administrative code: the provinces (71 Taiwan, 81 Hong
+# Kong, 82 Macao included, as the standard lists them).
+_PROVINCES = frozenset(
+    str(code)
+    # North, North-east, East, Centre-South, South-west, North-west, Taiwan, HK and Macao.
+    for first, last in [
+        (11, 15),
+        (21, 23),
+        (31, 37),
+        (41, 46),
+        (50, 54),
+        (61, 65),
+        (71, 71),
+        (81, 82),
+    ]
+    for code in range(first, last + 1)
+)
+_DIGITS = re.compile(r"^[0-9]+$")
+
+
+def cover_number_problem(number: str) -> str | None:
+    """Why `number` is not a valid 16-digit cover number, or None when it is."""
+    if len(number) != COVER_NUMBER_DIGITS or not _DIGITS.match(number):
+        return f"must be {COVER_NUMBER_DIGITS} digits, got {number[:40]!r}"
+    admin, major, minor, sequence = number[:6], number[6:8], number[8:10], number[10:]
+    if admin[:2] not in _PROVINCES:
+        return f"administrative code {admin} names no province of GB/T 2260"
+    if admin[2:] == "0000":
+        return f"administrative code {admin} is a whole province, not a city or county"
+    if major != PUBLIC_FACILITIES:
+        return f"major class {major} is not {PUBLIC_FACILITIES} (public facilities)"
+    if minor not in COVER_CLASSES:
+        return f"minor class {minor} is not a cover class ({', '.join(COVER_CLASSES)})"
+    if sequence == "000000":
+        return "sequence 000000 is not allowed (sequences start at 000001)"
+    return None
+
+
+def kind_code_of(number: str) -> str:
+    """The 4-digit class (major + minor) inside a cover number."""
+    return number[6:10]
+
+
+def _check_cover_number(value: str) -> str:
+    problem = cover_number_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _check_kind_code(value: str) -> str:
+    if len(value) != 4 or not _DIGITS.match(value):
+        raise ValueError(f"must be 4 digits, got {value[:20]!r}")
+    if value[:2] != PUBLIC_FACILITIES or value[2:] not in COVER_CLASSES:
+        raise ValueError(
+            f"{value} is not a cover class (01xx with xx in {', '.join(COVER_CLASSES)})"
+        )
+    return value
+
+
+def _check_webhook_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+CoverNumber = Annotated[str, AfterValidator(_check_cover_number)]
+KindCode = Annotated[str, AfterValidator(_check_kind_code)]
+# Unit codes end up in MQTT topics (`alerts/{unit_code}`): no `/`, `+` or `#`.
+UnitCode = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID.pattern)]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+WebhookUrl = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_check_webhook_url)]
+Longitude = Annotated[float, Field(ge=-180, le=180)]
+Latitude = Annotated[float, Field(ge=-90, le=90)]
+DepthCm = Annotated[float, Field(gt=0, le=10_000)]
+# From a minute (a test rig) to a day (a sensor that only sends heartbeats).
+ReportInterval = Annotated[int, Field(ge=60, le=86_400)]
+DEFAULT_REPORT_INTERVAL_S = 3600  # an NB-IoT cover sensor's usual hourly heartbeat
+
+
+class UnitKind(StrEnum):
+    WATER_SUPPLY = "water_supply"
+    DRAINAGE = "drainage"
+    GAS = "gas"
+    HEATING = "heating"
+    POWER = "power"
+    TELECOM = "telecom"
+    PUBLIC_SECURITY = "public_security"
+    TRAFFIC = "traffic"
+    BROADCAST_TV = "broadcast_tv"
+    TOWNSHIP = "township"
+    OTHER = "other"
+
+
+class CoverState(StrEnum):
+    IN_SERVICE = "in_service"  # 在用
+    ABANDONED = "abandoned"  # 废弃
+    FILLED = "filled"  # 已填埋
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# -- units ------------------------------------------------------------------------------
+
+
+class Unit(_Record):
+    """The unit record of DESIGN §11, for `POST /api/v1/units` and every unit answer.
+
+    The webhook secret signs deliveries, so it is kept as given, and shown as `**********`
+    whenever the record is serialised.
+    """
+
+    code: UnitCode
+    name: Name
+    kind: UnitKind
+    parent: UnitCode | None = None
+    webhook_url: WebhookUrl | None = None
+    webhook_secret: SecretStr | None = None
+    supervisor_contact: Name | None = None
+
+
+class UnitUpdate(_Record):
+    """A partial change of a unit: only the fields given are changed (null clears)."""
+
+    name: Name | None = None
+    kind: UnitKind | None = None
+    parent: UnitCode | None = None
+    webhook_url: WebhookUrl | None = None
+    webhook_secret: SecretStr | None = None
+    supervisor_contact: Name | None = None
+
+    @model_validator(mode="after")
+    def _required_stay_set(self) -> Self:
+        for name in ("name", "kind"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be cleared")
+        return self
+
+
+# -- roads (一路一档案) ------------------------------------------------------------------
+
+
+class RoadCreate(_Record):
+    name: ShortText
+    # The township unit that owns the covers on this road nobody else owns (DESIGN §6).
+    township_unit: UnitCode | None = None
+
+
+class Road(RoadCreate):
+    id: int
+    covers: int = 0
+
+
+# -- per-cover thresholds ---------------------------------------------------------------
+
+Degrees = Annotated[float, Field(gt=0, le=180)]
+Millimetres = Annotated[float, Field(gt=0, le=10_000)]
+Centimetres = Annotated[float, Field(gt=0, le=10_000)]
+Volts = Annotated[float, Field(gt=0, le=5)]
+
+# (lower, upper) pairs that must stay strictly ordered when both are overridden.
+_ORDERED = (
+    ("tilt_clear_deg", "tilt_warn_deg"),
+    ("tilt_warn_deg", "tilt_open_deg"),
+    ("tilt_clear_deg", "tilt_open_deg"),
+    ("displacement_clear_mm", "displacement_raise_mm"),
+    ("battery_low_v", "battery_ok_v"),
+)
+
+
+class ThresholdOverrides(_Record):
+    """A cover's own alert thresholds (DESIGN §5); a field left out keeps the default.
+
+    Names are those of `alerting.rules.Thresholds`, plus `water_limit_cm`, the cover's
+    own water limit that replaces depth minus margin.
+    """
+
+    tilt_open_deg: Degrees | None = None
+    tilt_warn_deg: Degrees | None = None
+    tilt_clear_deg: Degrees | None = None
+    displacement_raise_mm: Millimetres | None = None
+    displacement_clear_mm: Millimetres | None = None
+    water_limit_cm: Centimetres | None = None
+    water_margin_cm: Centimetres | None = None
+    water_clear_cm: Centimetres | None = None
+    battery_low_v: Volts | None = None
+    battery_ok_v: Volts | None = None
+
+    @model_validator(mode="after")
+    def _dead_bands_stay_open(self) -> Self:
+        # A clear level at or above its raise level would leave no dead band: flapping.
+        for lower, upper in _ORDERED:
+            low, high = getattr(self, lower), getattr(self, upper)
+            if low is not None and high is not None and low >= high:
+                raise ValueError(f"{lower} ({low:g}) must be below {upper} ({high:g})")
+        return self
+
+    def thresholds(self) -> dict[str, float]:
+        """The overridden fields of `alerting.rules.Thresholds`, for `dataclasses.replace`."""
+        return self.model_dump(exclude_none=True, exclude={"water_limit_cm"})
+
+    @property
+    def empty(self) -> bool:
+        return not self.model_dump(exclude_none=True)
+
+
+# -- covers -----------------------------------------------------------------------------
+
+
+class _CoverFields(_Record):
+    """Everything about a cover but its number, as the census and the API give it."""
+
+    maintainer_unit: UnitCode | None = None
+    road: ShortText
+    grid: ShortText | None = None
+    lon: Longitude
+    lat: Latitude
+    depth_cm: DepthCm | None = None
+    material: ShortText | None = None
+    installed_on: date | None = None
+    flood_prone: bool = False
+    anti_fall: bool = False
+    state: CoverState = CoverState.IN_SERVICE
+    thresholds: ThresholdOverrides | None = None
+
+
+class CoverCreate(_CoverFields):
+    """A new cover. `kind_code` may be left out (it is the number's digits 7-10); without
+    `owner_unit` only a class-14 cover is accepted, and it goes to its road's township."""
+
+    cover_id: CoverNumber
+    kind_code: KindCode | None = None
+    owner_unit: UnitCode | None = None
+
+    @model_validator(mode="after")
+    def _kind_matches_number(self) -> Self:
+        if self.kind_code is not None and self.kind_code != kind_code_of(self.cover_id):
+            raise ValueError(
+                f"kind_code {self.kind_code} differs from the cover number's class"
+                f" {kind_code_of(self.cover_id)}"
+            )
+        return self
+
+
+class CoverUpdate(_Record):
+    """A partial change of a cover: only the fields given are changed (null clears)."""
+
+    owner_unit: UnitCode | None = None
+    maintainer_unit: UnitCode | None = None
+    road: ShortText | None = None
+    grid: ShortText | None = None
+    lon: Longitude | None = None
+    lat: Latitude | None = None
+    depth_cm: DepthCm | None = None
+    material: ShortText | None = None
+    installed_on: date | None = None
+    flood_prone: bool | None = None
+    anti_fall: bool | None = None
+    state: CoverState | None = None
+    thresholds: ThresholdOverrides | None = None
+
+    @model_validator(mode="after")
+    def _required_stay_set(self) -> Self:
+        required = ("owner_unit", "road", "lon", "lat", "flood_prone", "anti_fall", "state")
+        for name in required:
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be cleared")
+        return self
+
+
+class Cover(_CoverFields):
+    """A cover as the registry holds it, with the device bound to it now."""
+
+    cover_id: str
+    kind_code: str
+    owner_unit: str
+    device_id: str | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+# -- devices ----------------------------------------------------------------------------
+
+
+class DeviceCreate(_Record):
+    device_id: DeviceId
+    model: ShortText | None = None
+    report_interval_s: ReportInterval = DEFAULT_REPORT_INTERVAL_S
+
+
+class DeviceUpdate(_Record):
+    model: ShortText | None = None
+    report_interval_s: ReportInterval | None = None
+
+    @model_validator(mode="after")
+    def _interval_stays_set(self) -> Self:
+        if "report_interval_s" in self.model_fields_set and self.report_interval_s is None:
+            raise ValueError("report_interval_s cannot be cleared")
+        return self
+
+
+class Device(DeviceCreate):
+    """A device as the registry holds it; its credentials are never shown, only whether
+    it has some."""
+
+    cover_id: str | None = None
+    has_credentials: bool = False
+    created_at: datetime
+    updated_at: datetime
+
+
+class EndReason(StrEnum):
+    """Why a binding ended."""
+
+    REPLACED = "replaced"  # another device was bound to the cover (theft, failure)
+    MOVED = "moved"  # the device was bound to another cover
+    UNBOUND = "unbound"  # taken off without a successor
+
+
+class DeviceBinding(_Record):
+    """One period during which a device was mounted on a cover."""
+
+    device_id: str
+    cover_id: str
+    bound_at: datetime
+    unbound_at: datetime | None = None
+    end_reason: EndReason | None = None
+
+
+def changes(update: BaseModel) -> dict[str, Any]:
+    """The fields a partial update sets, with nested models left as models."""
+    return {name: getattr(update, name) for name in update.model_fields_set}
