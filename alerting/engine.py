@@ -250,6 +250,15 @@ class AlertEngine:
         async with self._committed_changed:
             await self._committed_changed.wait_for(lambda: self._committed >= generation)
 
+    async def commit_pending(self) -> None:
+        """Commits what evaluations changed so far (the committer task does it by itself)."""
+        await self._commit_once()
+
+    async def close(self) -> None:
+        """After the last evaluation: commit it and write device progress."""
+        await self._commit_once()
+        await self.flush_progress()
+
     async def run(self) -> None:
         """The committer, the progress writer and the timers; runs until cancelled."""
         async with asyncio.TaskGroup() as group:
