@@ -17,9 +17,9 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from core.contract import TELEMETRY_FILTER, Reason, TelemetryDecoder
+from core.contract import TELEMETRY_FILTER, Reading, Reason, TelemetryDecoder
 from core.deadletters import DeadLetter
 from core.settings import Settings
 from ingest import mqtt
@@ -73,6 +73,17 @@ class IngestOptions:
         return [(telemetry, 1)]
 
 
+class ReadingEvaluator(Protocol):
+    """What ingest needs of the alert engine: evaluate now, confirm the commit before acks."""
+
+    @property
+    def generation(self) -> int: ...
+
+    def evaluate(self, reading: Reading, received_ms: int) -> None: ...
+
+    async def commit_through(self, generation: int) -> None: ...
+
+
 class IngestService:
     def __init__(
         self,
@@ -80,11 +91,13 @@ class IngestService:
         settings: Settings,
         writer: BatchWriter,
         metrics: IngestMetrics,
+        evaluator: ReadingEvaluator | None = None,
         clock_ms: Callable[[], int] = wall_clock_ms,
     ) -> None:
         self._options = IngestOptions.from_settings(settings)
         self._endpoint = settings.mqtt
         self._writer = writer
+        self._evaluator = evaluator
         self._metrics = metrics
         self._clock_ms = clock_ms
         self._decoder = TelemetryDecoder()
@@ -114,6 +127,9 @@ class IngestService:
             # The decoder checks the topic's device id against the contract's pattern.
             decoded = self._decoder.decode(parts[1], message.payload, now_ms)
             batch.readings.extend(decoded.readings)
+            if self._evaluator is not None:
+                for reading in decoded.readings:
+                    self._evaluator.evaluate(reading, now_ms)
             for rejection in decoded.rejections:
                 batch.dead_letters.append(
                     DeadLetter.of(
@@ -142,6 +158,8 @@ class IngestService:
         self._batch = Batch(connection_id=self._connection_id)
         if not batch.messages:
             return
+        if self._evaluator is not None:
+            batch.generation = self._evaluator.generation
         self._metrics.count_received(batch.messages)
         self._sealed.put_nowait(batch)
         if self._sealed.qsize() >= _MAX_SEALED_BATCHES and self._connection is not None:
@@ -246,7 +264,15 @@ class IngestService:
         while True:
             batch = await self._sealed.get()
             try:
-                await self._writer.persist(batch)
+                if self._evaluator is None:
+                    await self._writer.persist(batch)
+                else:
+                    # A message is acknowledged once its reading is durable and its
+                    # evaluation committed (DESIGN §8); the two proceed side by side.
+                    await asyncio.gather(
+                        self._writer.persist(batch),
+                        self._evaluator.commit_through(batch.generation),
+                    )
                 self._acknowledge(batch)
             finally:
                 self._sealed.task_done()

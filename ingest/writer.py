@@ -44,6 +44,7 @@ class Batch:
     connection_id: int
     opened_at: float = field(default_factory=time.monotonic)
     messages: int = 0
+    generation: int = 0  # the evaluator's generation when the batch was sealed
     packet_ids: list[int] = field(default_factory=list)
     readings: list[Reading] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
@@ -86,8 +87,11 @@ class BatchWriter:
         metrics: IngestMetrics,
         deadline_s: float,
         clock_ms: Callable[[], int],
+        cover_of: Callable[[str], str | None] = lambda _: None,
     ) -> None:
+        """`cover_of` maps a device to the cover it is bound to, for the `cover_id` tag."""
         self._store = store
+        self._cover_of = cover_of
         self._spool = spool
         self._dead_letters = dead_letters
         self._metrics = metrics
@@ -99,7 +103,9 @@ class BatchWriter:
 
     async def persist(self, batch: Batch) -> None:
         """Returns once every reading and dead letter of the batch is durable."""
-        points = self._store.encode(batch.readings, [None] * len(batch.readings))
+        cover_of = self._cover_of
+        covers = [cover_of(reading.device_id) for reading in batch.readings]
+        points = self._store.encode(batch.readings, covers)
         rejected = await self._store_or_spool(points)
         letters = batch.dead_letters + [
             self._rejected_letter(points[i], why) for i, why in rejected
