@@ -11,13 +11,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, inspect
 
-import alerting.models
-import core.registry_models
+import alerting.models  # noqa: F401 -- puts the alerting tables on Base.metadata
+import core.registry_models  # noqa: F401 -- and the registry's
 from core.db import Base, create_engine, current_revision, downgrade, head_revision, upgrade
 from tests.servers import PostgresServer
 
 pytestmark = pytest.mark.asyncio
-assert alerting.models and core.registry_models  # every table is on Base.metadata
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
