@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     # MQTT 5 Receive Maximum: un-acknowledged messages the broker may have out to us.
     # It must cover the batch being written plus the one filling up, with room to spare.
     mqtt_receive_maximum: Annotated[int, Field(ge=1, le=65535)] = 30000
+    # 5 (MQTT 5), or 4 (MQTT 3.1.1) for a broker that speaks nothing newer.
+    mqtt_protocol: Literal[4, 5] = 5
 
     influx_url: str = ""
     influx_db: str = "smartcover"

@@ -70,6 +70,9 @@ class SessionOptions:
     receive_maximum: int = 65535
     keepalive_s: int = 30
     connect_timeout_s: float = 10.0
+    # 5, or 4 (MQTT 3.1.1) for brokers that speak nothing newer, like the demo's embedded
+    # one: then the session lasts until a clean connect, and there is no Receive Maximum.
+    protocol: int = 5
 
 
 def _varint(value: int) -> bytes:
@@ -118,26 +121,34 @@ def connect_packet(options: SessionOptions, endpoint: MqttEndpoint) -> bytes:
     if endpoint.password is not None:
         flags |= 0x40
         payload += _binary(endpoint.password.get_secret_value().encode())
+    header = _utf8("MQTT") + bytes((options.protocol, flags))
+    header += struct.pack("!H", options.keepalive_s)
+    if options.protocol != 5:
+        return _packet(_CONNECT, header + payload)
     properties = (
         bytes((_PROP_SESSION_EXPIRY,))
         + struct.pack("!I", options.session_expiry_s)
         + bytes((_PROP_RECEIVE_MAXIMUM,))
         + struct.pack("!H", options.receive_maximum)
     )
-    header = _utf8("MQTT") + bytes((5, flags)) + struct.pack("!H", options.keepalive_s)
     return _packet(_CONNECT, header + _varint(len(properties)) + properties + payload)
 
 
-def subscribe_packet(packet_id: int, filters: Iterable[tuple[str, int]]) -> bytes:
-    body = struct.pack("!H", packet_id) + _varint(0)
+def subscribe_packet(
+    packet_id: int, filters: Iterable[tuple[str, int]], *, v5: bool = True
+) -> bytes:
+    body = struct.pack("!H", packet_id) + (_varint(0) if v5 else b"")
     for topic_filter, qos in filters:
         body += _utf8(topic_filter) + bytes((qos,))
     return _packet(_SUBSCRIBE, body)
 
 
-def publish_packet(topic: str, payload: bytes, *, qos: int, packet_id: int, retain: bool) -> bytes:
+def publish_packet(
+    topic: str, payload: bytes, *, qos: int, packet_id: int, retain: bool, v5: bool = True
+) -> bytes:
     first = _PUBLISH | (qos << 1) | (1 if retain else 0)
-    body = _utf8(topic) + (struct.pack("!H", packet_id) if qos else b"") + _varint(0) + payload
+    properties = _varint(0) if v5 else b""
+    body = _utf8(topic) + (struct.pack("!H", packet_id) if qos else b"") + properties + payload
     return _packet(first, body)
 
 
@@ -191,8 +202,9 @@ def _server_keepalive(data: bytes, start: int) -> int | None:
 class MqttConnection(asyncio.Protocol):
     """The protocol side of one connection; `connect()` is how it is opened."""
 
-    def __init__(self, on_message: Callable[[Message], None]) -> None:
+    def __init__(self, on_message: Callable[[Message], None], protocol: int = 5) -> None:
         self._on_message = on_message
+        self._v5 = protocol == 5
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._connack: asyncio.Future[tuple[bool, int]] = asyncio.get_running_loop().create_future()
@@ -278,7 +290,9 @@ class MqttConnection(asyncio.Protocol):
         if qos:
             (packet_id,) = struct.unpack_from("!H", body, index)
             index += 2
-        if body[index] == 0:  # no properties: the common case
+        if not self._v5:
+            pass
+        elif body[index] == 0:  # no properties: the common case
             index += 1
         else:
             decoded = _read_varint(body, index)
@@ -292,6 +306,9 @@ class MqttConnection(asyncio.Protocol):
 
     def _handle_connack(self, body: bytes) -> None:
         session_present, reason = bool(body[0] & 0x01), body[1]
+        if not self._v5:
+            self._handle_connack_v4(session_present, reason)
+            return
         keepalive = _server_keepalive(body, 2) if len(body) > 2 else None
         if keepalive is not None:
             self.keepalive_s = keepalive
@@ -307,6 +324,26 @@ class MqttConnection(asyncio.Protocol):
             )
         elif not self._connack.done():
             self._connack.set_result((session_present, reason))
+
+    def _handle_connack_v4(self, session_present: bool, code: int) -> None:
+        if code == 0:
+            if not self._connack.done():
+                self._connack.set_result((session_present, code))
+            return
+        names = {
+            1: "unacceptable protocol version",
+            2: "client id rejected",
+            3: "server unavailable",
+            4: "bad user name or password",
+            5: "not authorized",
+        }
+        error_type = MqttError if code == 3 else MqttRefused
+        self._connack.set_exception(
+            error_type(
+                f"broker refused the connection: {names.get(code, 'refused')} ({code})",
+                reason_code=code,
+            )
+        )
 
     def _settle(self, body: bytes) -> None:
         (packet_id,) = struct.unpack_from("!H", body, 0)
@@ -364,9 +401,13 @@ class MqttConnection(asyncio.Protocol):
 
     async def subscribe(self, filters: list[tuple[str, int]], timeout_s: float = 10.0) -> None:
         packet_id = self._new_packet_id()
-        reply = await self._request(packet_id, subscribe_packet(packet_id, filters), timeout_s)
-        decoded = _read_varint(reply, 0)
-        codes = reply[decoded[1] + decoded[0] :] if decoded else b""
+        packet = subscribe_packet(packet_id, filters, v5=self._v5)
+        reply = await self._request(packet_id, packet, timeout_s)
+        if self._v5:
+            decoded = _read_varint(reply, 0)
+            codes = reply[decoded[1] + decoded[0] :] if decoded else b""
+        else:
+            codes = reply
         for (topic_filter, _), code in zip(filters, codes, strict=False):
             if code >= _FAILURE:
                 raise MqttRefused(
@@ -384,10 +425,14 @@ class MqttConnection(asyncio.Protocol):
     ) -> None:
         """Publishes and, for QoS 1, waits for the broker's PUBACK."""
         if qos == 0:
-            self._write(publish_packet(topic, payload, qos=0, packet_id=0, retain=retain))
+            self._write(
+                publish_packet(topic, payload, qos=0, packet_id=0, retain=retain, v5=self._v5)
+            )
             return
         packet_id = self._new_packet_id()
-        packet = publish_packet(topic, payload, qos=1, packet_id=packet_id, retain=retain)
+        packet = publish_packet(
+            topic, payload, qos=1, packet_id=packet_id, retain=retain, v5=self._v5
+        )
         reply = await self._request(packet_id, packet, timeout_s)
         if reply and reply[0] >= _FAILURE:
             raise MqttError(
@@ -467,7 +512,7 @@ async def connect(
     try:
         async with asyncio.timeout(options.connect_timeout_s):
             _, connection = await loop.create_connection(
-                lambda: MqttConnection(on_message),
+                lambda: MqttConnection(on_message, options.protocol),
                 endpoint.host,
                 endpoint.port,
                 ssl=ssl_context if endpoint.tls else None,

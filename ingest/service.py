@@ -49,6 +49,7 @@ class IngestOptions:
     share_group: str
     session_expiry_s: int
     receive_maximum: int
+    protocol: int
     batch_size: int
     batch_max_age_s: float
     shutdown_deadline_s: float
@@ -61,6 +62,7 @@ class IngestOptions:
             share_group=settings.mqtt_share_group,
             session_expiry_s=settings.mqtt_session_expiry_s,
             receive_maximum=settings.mqtt_receive_maximum,
+            protocol=settings.mqtt_protocol,
             batch_size=settings.batch_size,
             batch_max_age_s=settings.batch_max_age_ms / 1000,
             shutdown_deadline_s=settings.shutdown_deadline_s,
@@ -188,6 +190,7 @@ class IngestService:
             client_id=self._options.client_id,
             session_expiry_s=self._options.session_expiry_s,
             receive_maximum=self._options.receive_maximum,
+            protocol=self._options.protocol,
         )
         while not stop.is_set():
             try:
