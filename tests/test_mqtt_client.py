@@ -46,10 +46,14 @@ async def test_unacknowledged_messages_come_again_after_reconnect(
     assert len(received) == 2  # acknowledged once: gone
 
 
+def write_password_file(path: Path, user: str, password: str) -> None:
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(path), user, password], check=True)
+
+
 @pytest.mark.parametrize("protocol", [4, 5])
 async def test_bad_credentials_are_refused_for_good(tmp_path: Path, protocol: int) -> None:
     passwords = tmp_path / "passwd"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "ingest", "right"], check=True)
+    await asyncio.to_thread(write_password_file, passwords, "ingest", "right")
     with MosquittoServer(tmp_path / "broker", password_file=passwords) as broker:
         wrong = MqttEndpoint.parse(f"mqtt://ingest:wrong@127.0.0.1:{broker.port}")
         options = mqtt.SessionOptions("consumer", protocol=protocol)
