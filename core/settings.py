@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     influx_password: SecretStr = SecretStr("")
     influx_create_db: bool = True
     influx_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # The embedded time-series store, used when SMARTCOVER_INFLUX_URL is empty.
+    timeseries_path: Path = Path("./smartcover-ts.db")
 
     database_url: str = "sqlite:///./smartcover.db"
     spool_dir: Path = Path("./spool")

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 from core.deadletters import DeadLetterLog
 from core.settings import Settings
 from core.timeseries import InfluxConfig, InfluxStore, ReadingStore
+from core.timeseries_sqlite import SqliteReadingStore
 from ingest.metrics import IngestMetrics
 from ingest.service import IngestService, wall_clock_ms
 from ingest.spool import Spool
@@ -32,10 +33,9 @@ def deadletter_log(settings: Settings) -> DeadLetterLog:
 
 
 def build_store(settings: Settings) -> ReadingStore:
+    """InfluxDB when SMARTCOVER_INFLUX_URL is set, else the embedded SQLite store."""
     if not settings.influx_url:
-        raise ConfigurationError(
-            "SMARTCOVER_INFLUX_URL is empty: set it to your InfluxDB, e.g. http://127.0.0.1:8086"
-        )
+        return SqliteReadingStore(settings.timeseries_path)
     return InfluxStore(InfluxConfig.from_settings(settings))
 
 
