@@ -30,11 +30,10 @@ CREATE TABLE IF NOT EXISTS cover_reading (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS cover_reading_cover ON cover_reading (cover_id, ts_ms);
 """
-# Built from the constant FIELDS; the values are bound parameters.
-_COLUMNS = ", ".join(("device_id", "ts_ms", "cover_id", *FIELDS, "seq"))
-_INSERT = "INSERT OR REPLACE INTO cover_reading (%s) VALUES (%s)" % (  # noqa: UP031
-    _COLUMNS,
-    ", ".join("?" * (len(FIELDS) + 4)),
+_INSERT = (
+    "INSERT OR REPLACE INTO cover_reading (device_id, ts_ms, cover_id, tilt_deg,"
+    " displacement_mm, water_level_cm, battery_v, rssi_dbm, temperature_c, seq)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _PREFIX = MEASUREMENT.encode() + b","
 
