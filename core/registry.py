@@ -313,7 +313,7 @@ async def _unit_kinds(session: AsyncSession, *codes: str | None) -> dict[str, st
     if not wanted:
         return {}
     rows = await session.execute(select(UnitRow.code, UnitRow.kind).where(UnitRow.code.in_(wanted)))
-    return dict(rows.tuples().all())
+    return dict(rows.all())
 
 
 def _cover_query() -> Select[CoverRow, str, str]:
@@ -410,7 +410,7 @@ async def list_covers(
         query = query.where(CoverRow.owner_unit == owner_unit)
     if road is not None:
         query = query.where(RoadRow.name == road)
-    return [_cover(*found) for found in (await session.execute(query)).tuples()]
+    return [_cover(*found) for found in (await session.execute(query))]
 
 
 async def count_covers(*, session: AsyncSession, owner_unit: str | None = None) -> int:
@@ -541,7 +541,7 @@ async def create_device(
 
 async def get_device(*, session: AsyncSession, device_id: str) -> Device:
     query = _device_query().where(DeviceRow.device_id == device_id)
-    found = (await session.execute(query)).tuples().first()
+    found = (await session.execute(query)).first()
     if found is None:
         raise NotFound("device", device_id)
     return _device(*found)
@@ -555,7 +555,7 @@ async def list_devices(
     if bound is not None:
         column = DeviceBindingRow.cover_id
         query = query.where(column.is_not(None) if bound else column.is_(None))
-    return [_device(*found) for found in (await session.execute(query)).tuples()]
+    return [_device(*found) for found in (await session.execute(query))]
 
 
 async def update_device(*, session: AsyncSession, device_id: str, update: DeviceUpdate) -> Device:
@@ -588,7 +588,7 @@ async def credential_hashes(*, session: AsyncSession) -> list[tuple[str, str]]:
         .where(DeviceRow.credential_hash.is_not(None))
         .order_by(DeviceRow.device_id)
     )
-    return [(device_id, hashed) for device_id, hashed in rows.tuples() if hashed is not None]
+    return [(device_id, hashed) for device_id, hashed in rows if hashed is not None]
 
 
 # -- bindings ---------------------------------------------------------------------------

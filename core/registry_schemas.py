@@ -120,7 +120,8 @@ CoverNumber = Annotated[str, AfterValidator(_check_cover_number)]
 KindCode = Annotated[str, AfterValidator(_check_kind_code)]
 # Unit codes end up in MQTT topics (`alerts/{unit_code}`): no `/`, `+` or `#`.
 UnitCode = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
-DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID.pattern)]
+# Anchored here: the contract's pattern is used with fullmatch().
+DeviceId = Annotated[str, StringConstraints(pattern=rf"^(?:{DEVICE_ID.pattern})$")]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 WebhookUrl = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_check_webhook_url)]

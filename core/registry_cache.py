@@ -1,0 +1,279 @@
+"""The registry in memory for the ingest hot path: device → binding, cover → entry.
+
+Look-ups are plain dict reads (no I/O, no await). `refresh()` asks the database for the
+registry version, one tiny query, and reloads everything only when it moved; the new
+maps replace the old ones in one assignment, so a look-up never sees half a reload.
+Entries are slotted and share their repeated values (unit codes, roads, thresholds,
+depths), which keeps 100,000 covers in a few tens of MB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import Insert, and_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from core.db import transaction, utcnow
+from core.registry_models import (
+    CoverRow,
+    DeviceBindingRow,
+    DeviceRow,
+    RegistryVersionRow,
+    RoadRow,
+    UnitRow,
+    UnregisteredDeviceRow,
+)
+from core.registry_schemas import ThresholdOverrides
+
+logger = logging.getLogger(__name__)
+
+# Rows fetched per round trip while loading.
+_PARTITION = 5000
+# Devices remembered as already noted; past this, the database alone deduplicates (one
+# query per message of an unknown device, which the broker's ACL should make rare).
+_MAX_NOTED = 100_000
+DEFAULT_REFRESH_S = 5.0
+
+_T = TypeVar("_T", bound=Hashable)
+
+
+@dataclass(frozen=True, slots=True)
+class CoverEntry:
+    """What the hot path and the alerting need of a cover."""
+
+    cover_id: str
+    owner_unit: str
+    road: str
+    state: str
+    depth_cm: float | None
+    flood_prone: bool
+    thresholds: ThresholdOverrides | None  # None: the defaults
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """A registered device and the cover it is mounted on now (None: on no cover)."""
+
+    device_id: str
+    report_interval_s: int
+    cover: CoverEntry | None
+
+    @property
+    def cover_id(self) -> str | None:
+        return self.cover.cover_id if self.cover is not None else None
+
+    @property
+    def owner_unit(self) -> str | None:
+        return self.cover.owner_unit if self.cover is not None else None
+
+    @property
+    def thresholds(self) -> ThresholdOverrides | None:
+        return self.cover.thresholds if self.cover is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    version: int
+    devices: dict[str, Binding]
+    covers: dict[str, CoverEntry]
+    webhook_units: frozenset[str]
+
+
+_EMPTY = _Snapshot(-1, {}, {}, frozenset())
+
+
+class _Interner:
+    """Hands out one shared object per distinct value (codes, roads, depths, thresholds)."""
+
+    def __init__(self) -> None:
+        self._values: dict[Hashable, Any] = {}
+        self._thresholds: dict[str, ThresholdOverrides] = {}
+
+    def __call__(self, value: _T) -> _T:
+        found: _T = self._values.setdefault(value, value)
+        return found
+
+    def thresholds(self, data: dict[str, Any] | None) -> ThresholdOverrides | None:
+        if not data:
+            return None
+        key = json.dumps(data, sort_keys=True)
+        found = self._thresholds.get(key)
+        if found is None:
+            found = self._thresholds[key] = ThresholdOverrides(**data)
+        return found
+
+
+class RegistryCache:
+    """The registry, held in memory and refreshed when it changes.
+
+    Call `refresh()` once before use (until then every device looks unregistered), then
+    periodically or run `watch()`.
+    """
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+        self._snapshot = _EMPTY
+        self._noted: set[str] = set()
+        self._lock = asyncio.Lock()
+
+    # -- the hot path (sync, O(1)) ---------------------------------------------------
+
+    def lookup(self, device_id: str) -> Binding | None:
+        """The device's binding; None when the device is not in the registry."""
+        return self._snapshot.devices.get(device_id)
+
+    def cover(self, cover_id: str) -> CoverEntry | None:
+        return self._snapshot.covers.get(cover_id)
+
+    def webhook_units(self) -> frozenset[str]:
+        """Codes of the units that have a webhook to deliver to."""
+        return self._snapshot.webhook_units
+
+    @property
+    def version(self) -> int:
+        """The registry version loaded; -1 before the first refresh."""
+        return self._snapshot.version
+
+    @property
+    def loaded(self) -> bool:
+        return self._snapshot is not _EMPTY
+
+    def __len__(self) -> int:
+        return len(self._snapshot.covers)
+
+    @property
+    def device_count(self) -> int:
+        return len(self._snapshot.devices)
+
+    # -- unregistered devices --------------------------------------------------------
+
+    async def note_unregistered(self, device_id: str) -> bool:
+        """Records that an unregistered device was heard; True only the very first time.
+
+        "First" holds across restarts and across workers: the record is a row, inserted
+        once. Registering the device later deletes it, so the device counts as new again.
+        """
+        if device_id in self._noted or device_id in self._snapshot.devices:
+            return False
+        async with transaction(self._sessions) as session:
+            dialect = (await session.connection()).dialect.name
+            statement = _insert_ignoring_duplicates(dialect).values(
+                device_id=device_id, first_seen_at=utcnow()
+            )
+            result = await session.execute(statement)
+        if len(self._noted) < _MAX_NOTED:
+            self._noted.add(device_id)
+        first = bool(getattr(result, "rowcount", 0))
+        if first:
+            logger.warning("device %s is not in the registry (first reading seen)", device_id)
+        return first
+
+    # -- loading ---------------------------------------------------------------------
+
+    async def refresh(self) -> bool:
+        """Reloads when the registry changed since the last load; True if it reloaded."""
+        async with self._lock:
+            async with transaction(self._sessions, write=False) as session:
+                version = await session.scalar(select(RegistryVersionRow.version))
+                if version is None:
+                    raise LookupError("the registry version row is missing: run `db upgrade`")
+                if version == self._snapshot.version:
+                    return False
+                # Read committed: a change committed while we load is partly seen, but it
+                # moved the version past the one read above, so the next refresh reloads.
+                snapshot, noted = await _load(session, version)
+            self._snapshot = snapshot
+            self._noted = noted
+        logger.info(
+            "registry cache loaded version %d: %d covers, %d devices",
+            version,
+            len(snapshot.covers),
+            len(snapshot.devices),
+        )
+        return True
+
+    async def watch(self, stop: asyncio.Event, interval_s: float = DEFAULT_REFRESH_S) -> None:
+        """Refreshes every `interval_s` until `stop` is set; a database outage only delays."""
+        while not stop.is_set():
+            try:
+                await self.refresh()
+            except (SQLAlchemyError, OSError) as exc:
+                logger.warning(
+                    "registry cache refresh failed (keeping version %d): %s", self.version, exc
+                )
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval_s)
+            except TimeoutError:
+                continue
+
+
+def _insert_ignoring_duplicates(dialect: str) -> Insert:
+    if dialect == "postgresql":
+        return postgresql.insert(UnregisteredDeviceRow).on_conflict_do_nothing(
+            index_elements=["device_id"]
+        )
+    return sqlite.insert(UnregisteredDeviceRow).on_conflict_do_nothing(index_elements=["device_id"])
+
+
+async def _load(session: AsyncSession, version: int) -> tuple[_Snapshot, set[str]]:
+    intern = _Interner()
+    covers = await _load_covers(session, intern)
+    devices = await _load_devices(session, covers, intern)
+    units = await session.scalars(select(UnitRow.code).where(UnitRow.webhook_url.is_not(None)))
+    noted = set(await session.scalars(select(UnregisteredDeviceRow.device_id)))
+    return _Snapshot(version, devices, covers, frozenset(units)), noted
+
+
+async def _load_covers(session: AsyncSession, intern: _Interner) -> dict[str, CoverEntry]:
+    query = select(
+        CoverRow.cover_id,
+        CoverRow.owner_unit,
+        RoadRow.name,
+        CoverRow.state,
+        CoverRow.depth_cm,
+        CoverRow.flood_prone,
+        CoverRow.thresholds,
+    ).join(RoadRow, RoadRow.id == CoverRow.road_id)
+    covers: dict[str, CoverEntry] = {}
+    result = await session.stream(query)
+    async for rows in result.partitions(_PARTITION):
+        for cover_id, owner, road, state, depth, flood_prone, thresholds in rows:
+            covers[cover_id] = CoverEntry(
+                cover_id=cover_id,
+                owner_unit=intern(owner),
+                road=intern(road),
+                state=intern(state),
+                depth_cm=intern(depth),
+                flood_prone=bool(flood_prone),
+                thresholds=intern.thresholds(thresholds),
+            )
+    return covers
+
+
+async def _load_devices(
+    session: AsyncSession, covers: dict[str, CoverEntry], intern: _Interner
+) -> dict[str, Binding]:
+    query = select(
+        DeviceRow.device_id, DeviceRow.report_interval_s, DeviceBindingRow.cover_id
+    ).outerjoin(
+        DeviceBindingRow,
+        and_(
+            DeviceBindingRow.device_id == DeviceRow.device_id,
+            DeviceBindingRow.unbound_at.is_(None),
+        ),
+    )
+    devices: dict[str, Binding] = {}
+    result = await session.stream(query)
+    async for rows in result.partitions(_PARTITION):
+        for device_id, interval, cover_id in rows:
+            cover = covers.get(cover_id) if cover_id is not None else None
+            devices[device_id] = Binding(device_id, intern(interval), cover)
+    return devices
