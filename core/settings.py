@@ -17,6 +17,19 @@ _CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _MIN_ADMIN_KEY_CHARS = 22
 
 
+Severity = Literal["critical", "major", "minor"]
+Milestone = Literal["acknowledged", "on_site", "resolved"]
+PositiveMinutes = Annotated[float, Field(gt=0)]
+
+
+def _default_deadlines() -> dict[Severity, dict[Milestone, PositiveMinutes]]:
+    return {
+        "critical": {"acknowledged": 10, "on_site": 30, "resolved": 360},
+        "major": {"acknowledged": 30, "resolved": 1440},
+        "minor": {"resolved": 4320},
+    }
+
+
 class Environment(StrEnum):
     DEVELOPMENT = "development"
     PRODUCTION = "production"
@@ -98,6 +111,13 @@ class Settings(BaseSettings):
     tilt_confirm_s: Annotated[float, Field(gt=0)] = 30.0
     verify_window_s: Annotated[float, Field(gt=0)] = 1800.0
     verify_min_readings: Annotated[int, Field(ge=1)] = 3
+    # Case deadlines in minutes after opening, by severity and milestone (DESIGN §6), as
+    # JSON in the environment, e.g. {"critical": {"acknowledged": 5, ...}, ...}.
+    case_deadlines_min: dict[Severity, dict[Milestone, PositiveMinutes]] = Field(
+        default_factory=_default_deadlines
+    )
+    # An unacknowledged critical case is notified again this often (a bounded rate).
+    renotify_every_s: Annotated[float, Field(ge=60)] = 300.0
 
     @field_validator("mqtt_client_id")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -11,7 +12,7 @@ from core.settings import Settings
 from core.timeseries import InfluxConfig, InfluxStore, ReadingStore
 from core.timeseries_sqlite import SqliteReadingStore
 from ingest.metrics import IngestMetrics
-from ingest.service import IngestService, wall_clock_ms
+from ingest.service import IngestService, ReadingEvaluator, wall_clock_ms
 from ingest.spool import Spool
 from ingest.writer import BatchWriter
 
@@ -39,7 +40,14 @@ def build_store(settings: Settings) -> ReadingStore:
     return InfluxStore(InfluxConfig.from_settings(settings))
 
 
-def build_ingest(settings: Settings, registry: CollectorRegistry) -> IngestParts:
+def build_ingest(
+    settings: Settings,
+    registry: CollectorRegistry,
+    *,
+    evaluator: ReadingEvaluator | None = None,
+    cover_of: Callable[[str], str | None] = lambda _: None,
+) -> IngestParts:
+    """The pipeline; `evaluator` (the alert engine) and `cover_of` (the registry) optional."""
     metrics = IngestMetrics(registry)
     store = build_store(settings)
     writer = BatchWriter(
@@ -49,6 +57,7 @@ def build_ingest(settings: Settings, registry: CollectorRegistry) -> IngestParts
         metrics=metrics,
         deadline_s=settings.write_deadline_s,
         clock_ms=wall_clock_ms,
+        cover_of=cover_of,
     )
-    service = IngestService(settings=settings, writer=writer, metrics=metrics)
+    service = IngestService(settings=settings, writer=writer, metrics=metrics, evaluator=evaluator)
     return IngestParts(store=store, writer=writer, service=service, metrics=metrics)
