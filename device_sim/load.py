@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import queue
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing.sharedctypes import SynchronizedArray
 from multiprocessing.synchronize import Event as ProcessEvent
 
 from core.settings import MqttEndpoint
@@ -28,6 +30,11 @@ _WINDOW = 2000
 _CHUNK = 200
 # A publisher that has not finished in this time is stuck (the broker went away).
 _PROCESS_TIMEOUT_S = 600
+# How often the parent reports the publishers' progress.
+_PROGRESS_INTERVAL_S = 0.2
+
+# (published, acknowledged) so far, summed over the processes.
+LoadProgress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +104,24 @@ def _packets(plan: LoadPlan, process: int) -> list[bytes]:
     ]
 
 
-async def _publish(connection: mqtt.MqttConnection, packets: list[bytes]) -> int:
+class _Tally:
+    """One process's (published, acknowledged) slots in an array the parent reads."""
+
+    def __init__(self, counts: SynchronizedArray[int] | None, process: int) -> None:
+        self._counts = counts
+        self._slot = 2 * process
+
+    def update(self, sent: int, acknowledged: int) -> None:
+        if self._counts is not None:
+            # Each slot has one writer; a torn read only shows a count a moment old.
+            self._counts[self._slot] = sent
+            self._counts[self._slot + 1] = acknowledged
+
+
+async def _publish(
+    connection: mqtt.MqttConnection, packets: list[bytes], tally: _Tally | None = None
+) -> int:
+    tally = tally or _Tally(None, 0)
     sent = 0
     for offset in range(0, len(packets), _CHUNK):
         while sent - connection.pipelined_acks >= _WINDOW:
@@ -105,12 +129,16 @@ async def _publish(connection: mqtt.MqttConnection, packets: list[bytes]) -> int
         chunk = packets[offset : offset + _CHUNK]
         connection.send(b"".join(chunk))
         sent += len(chunk)
+        tally.update(sent, connection.pipelined_acks)
     while connection.pipelined_acks < sent:
         await connection.pipelined_acks_advance()
+    tally.update(sent, connection.pipelined_acks)
     return connection.pipelined_acks
 
 
-async def _run_share(plan: LoadPlan, process: int, ready: ProcessEvent, go: ProcessEvent) -> int:
+async def _run_share(
+    plan: LoadPlan, process: int, ready: ProcessEvent, go: ProcessEvent, tally: _Tally
+) -> int:
     packets = _packets(plan, process)
     endpoint = MqttEndpoint.parse(plan.url)
     client_id = f"{plan.device_prefix}-pub-{process}-{time.time_ns() % 10**9}"
@@ -118,31 +146,70 @@ async def _run_share(plan: LoadPlan, process: int, ready: ProcessEvent, go: Proc
     async with mqtt.connect(endpoint, options, lambda _: None) as connection:
         ready.set()
         await asyncio.to_thread(go.wait)
-        return await _publish(connection, packets)
+        return await _publish(connection, packets, tally)
 
 
-def _process_main(
-    plan: LoadPlan,
-    process: int,
-    ready: ProcessEvent,
-    go: ProcessEvent,
+@dataclass(frozen=True, slots=True)
+class _Channels:
+    """How one publisher process and the parent talk."""
+
+    ready: ProcessEvent  # set by the process once connected
+    go: ProcessEvent  # set by the parent: the common start
+    results: multiprocessing.Queue[tuple[int, float]]
+    counts: SynchronizedArray[int]
+
+
+def _process_main(plan: LoadPlan, process: int, channels: _Channels) -> None:
+    tally = _Tally(channels.counts, process)
+    acknowledged = asyncio.run(_run_share(plan, process, channels.ready, channels.go, tally))
+    channels.results.put((acknowledged, time.monotonic()))
+
+
+def _collect(
+    workers: Sequence[multiprocessing.process.BaseProcess],
     results: multiprocessing.Queue[tuple[int, float]],
-) -> None:
-    acknowledged = asyncio.run(_run_share(plan, process, ready, go))
-    results.put((acknowledged, time.monotonic()))
+    counts: SynchronizedArray[int],
+    on_progress: LoadProgress | None,
+) -> list[tuple[int, float]]:
+    """Each process's (acknowledged, finish time), reporting progress while waiting."""
+    finished: list[tuple[int, float]] = []
+    deadline = time.monotonic() + _PROCESS_TIMEOUT_S
+    while len(finished) < len(workers):
+        try:
+            finished.append(results.get(timeout=_PROGRESS_INTERVAL_S))
+        except queue.Empty:
+            crashed = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+            if crashed or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"publisher processes failed (exit codes {crashed}) or took over "
+                    f"{_PROCESS_TIMEOUT_S} s"
+                ) from None
+        if on_progress is not None:
+            on_progress(sum(counts[0::2]), sum(counts[1::2]))
+    return finished
 
 
-def run_load(plan: LoadPlan, on_start: Callable[[], None] | None = None) -> LoadResult:
+def run_load(
+    plan: LoadPlan,
+    on_start: Callable[[], None] | None = None,
+    *,
+    on_progress: LoadProgress | None = None,
+) -> LoadResult:
     """Publishes the plan from `plan.processes` processes; returns once all are acknowledged.
 
-    `on_start` is called at the common start, after every process is connected and ready.
+    `on_start` is called at the common start, after every process is connected and ready;
+    `on_progress(published, acknowledged)` about five times a second until the end.
     """
     context = multiprocessing.get_context("spawn")
     results: multiprocessing.Queue[tuple[int, float]] = context.Queue()
+    counts = context.Array("q", 2 * plan.processes)
     go = context.Event()
     readies = [context.Event() for _ in range(plan.processes)]
     workers = [
-        context.Process(target=_process_main, args=(plan, index, readies[index], go, results))
+        context.Process(
+            target=_process_main,
+            args=(plan, index, _Channels(readies[index], go, results, counts)),
+        )
         for index in range(plan.processes)
     ]
     for worker in workers:
@@ -156,7 +223,7 @@ def run_load(plan: LoadPlan, on_start: Callable[[], None] | None = None) -> Load
         if on_start is not None:
             on_start()
         go.set()
-        finished = [results.get(timeout=_PROCESS_TIMEOUT_S) for _ in workers]
+        finished = _collect(workers, results, counts, on_progress)
     finally:
         for worker in workers:
             worker.join(timeout=10)

@@ -1,0 +1,167 @@
+"""Plays a plan through the devices' sessions, paced by the real clock, reporting progress."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from core.settings import MqttEndpoint
+from device_sim.devices import DeviceFleet, connected_fleet
+from device_sim.fleet import Credentials, SimCover
+from device_sim.scenario import Scenario
+from device_sim.timeline import LinkChange, Plan, Timebase
+
+logger = logging.getLogger(__name__)
+
+# Actions handled back to back before the loop gets a turn to write to the sockets.
+_YIELD_EVERY = 20
+PROGRESS_INTERVAL_S = 0.25
+DRAIN_TIMEOUT_S = 30.0
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A snapshot for the progress display."""
+
+    planned: int | None  # telemetry messages the plan sends, when known
+    published: int
+    acknowledged: int
+    online: int
+    devices: int
+    elapsed_s: float
+    sim_ms: int  # how far the simulation has got, on the devices' clocks
+
+    @property
+    def rate(self) -> float:
+        return self.acknowledged / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    plan: Plan
+    published: int  # telemetry messages
+    acknowledged: int  # … acknowledged by the broker (PUBACK)
+    unacknowledged: int
+    refused: int
+    seconds: float
+
+
+class _Player:
+    def __init__(self, plan: Plan, fleet: DeviceFleet, planned: int | None) -> None:
+        self.plan = plan
+        self.fleet = fleet
+        self.planned = planned
+        self.started = time.monotonic()
+        self.sim_ms = plan.timebase.sim_start_ms
+
+    def progress(self) -> Progress:
+        stats = self.fleet.stats
+        return Progress(
+            planned=self.planned,
+            published=stats.published,
+            acknowledged=stats.acknowledged,
+            online=self.fleet.online,
+            devices=len(self.fleet.sessions),
+            elapsed_s=time.monotonic() - self.started,
+            sim_ms=self.sim_ms,
+        )
+
+    async def play(self, clock_ms: Callable[[], int]) -> None:
+        loop = asyncio.get_running_loop()
+        timebase = self.plan.timebase
+        # The loop's clock at the plan's real start (which may lie a moment behind us).
+        origin = loop.time() - (clock_ms() - timebase.real_start_ms) / 1000
+        for handled, action in enumerate(self.plan.actions()):
+            delay = origin + (timebase.real_ms(action.at_ms) - timebase.real_start_ms) / 1000
+            delay -= loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif handled % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            self.sim_ms = action.at_ms
+            session = self.fleet.sessions[action.device]
+            if isinstance(action, LinkChange):
+                if action.online:
+                    session.go_online()
+                else:
+                    session.go_offline()
+            else:
+                session.publish(action.topic, action.payload, retain=action.retain)
+        self.sim_ms = self.plan.end_ms
+
+    async def report(self, on_progress: ProgressCallback, done: asyncio.Event) -> None:
+        while not done.is_set():
+            on_progress(self.progress())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), PROGRESS_INTERVAL_S)
+
+
+async def play(
+    plan: Plan,
+    fleet: DeviceFleet,
+    *,
+    planned: int | None = None,
+    on_progress: ProgressCallback | None = None,
+    drain_timeout_s: float = DRAIN_TIMEOUT_S,
+    clock_ms: Callable[[], int] = wall_clock_ms,
+) -> RunResult:
+    """Sends the plan's actions when they are due, then waits for the broker's PUBACKs."""
+    player = _Player(plan, fleet, planned)
+    done = asyncio.Event()
+    async with asyncio.TaskGroup() as group:
+        if on_progress is not None:
+            group.create_task(player.report(on_progress, done), name="sim-progress")
+        try:
+            await player.play(clock_ms)
+            unacknowledged = await fleet.drain(drain_timeout_s)
+        finally:
+            done.set()
+    if on_progress is not None:
+        on_progress(player.progress())
+    stats = fleet.stats
+    if unacknowledged:
+        logger.warning("%d messages not acknowledged by the broker", unacknowledged)
+    return RunResult(
+        plan=plan,
+        published=stats.published,
+        acknowledged=stats.acknowledged,
+        unacknowledged=unacknowledged,
+        refused=stats.refused,
+        seconds=time.monotonic() - player.started,
+    )
+
+
+async def run_scenario(
+    scenario: Scenario,
+    covers: Sequence[SimCover],
+    *,
+    seed: int,
+    endpoint: MqttEndpoint,
+    credentials: Credentials,
+    protocol: int = 5,
+    planned: int | None = None,
+    on_progress: ProgressCallback | None = None,
+    clock_ms: Callable[[], int] = wall_clock_ms,
+) -> RunResult:
+    """Connects the covers' devices, fixes the time base, plays the scenario, disconnects.
+
+    The time base is taken once every device is connected, so connecting a large fleet
+    does not eat into the scenario's schedule.
+    """
+    async with connected_fleet(covers, endpoint, credentials, protocol=protocol) as fleet:
+        timebase = Timebase.catching_up(
+            real_start_ms=clock_ms(), duration_s=scenario.duration_s, speed=scenario.speed
+        )
+        plan = Plan(scenario, tuple(covers), seed, timebase)
+        return await play(plan, fleet, planned=planned, on_progress=on_progress, clock_ms=clock_ms)

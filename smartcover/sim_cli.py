@@ -1,0 +1,482 @@
+"""`smartcover sim`: the device simulator's command (fleet, scenarios, --check, load mode)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from core import logs
+from core.settings import MqttEndpoint, Settings
+
+if TYPE_CHECKING:
+    from device_sim.check import CheckReport
+    from device_sim.fleet import Credentials, SimCover
+    from device_sim.runner import Progress as RunProgress
+    from device_sim.runner import RunResult
+    from device_sim.scenario import Scenario
+    from device_sim.timeline import Plan
+
+console = Console()
+DEFAULT_SERVICE = "http://127.0.0.1:8000"
+# A fleet run without a scenario and without compression lasts as long as simulated time
+# may (6 days), which is to say until Ctrl-C.
+_FREE_RUN_COMPRESSED_S = 3600.0
+_STATUS_STYLE = {"pass": "green", "fail": "bold red", "not checkable yet": "yellow"}
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[red]{message}[/red]")
+    return typer.Exit(code)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise _fail(f"Invalid settings:\n{exc}") from None
+
+
+def sim(  # noqa: PLR0917 -- a command's options arrive as parameters
+    scenario: Annotated[
+        str | None, typer.Option(help="A shipped scenario's name, or a scenario .toml file.")
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Run the scenario against a service and judge it.")
+    ] = False,
+    service: Annotated[
+        str, typer.Option(help="Base URL of the service that --check observes.")
+    ] = DEFAULT_SERVICE,
+    settle_timeout: Annotated[
+        float, typer.Option(help="Seconds --check waits for the service to catch up.")
+    ] = 30.0,
+    list_scenarios: Annotated[
+        bool, typer.Option("--list", help="List the shipped scenarios and exit.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would be sent (JSON lines); no broker.")
+    ] = False,
+    fleet: Annotated[
+        Path | None, typer.Option(help="Census CSV (DESIGN §11) to take the covers from.")
+    ] = None,
+    covers: Annotated[
+        int | None, typer.Option(help="Generate this many covers (default: the scenario's).")
+    ] = None,
+    centre: Annotated[
+        str, typer.Option(help="LON,LAT the generated covers are scattered around.")
+    ] = "111.103,34.720",
+    admin_code: Annotated[
+        str, typer.Option(help="6-digit administrative code of generated cover numbers.")
+    ] = "411203",
+    device_prefix: Annotated[str, typer.Option(help="Prefix of generated device ids.")] = "sim",
+    credentials: Annotated[
+        Path | None, typer.Option(help="CSV of device_id,password for the devices.")
+    ] = None,
+    password_template: Annotated[
+        str | None, typer.Option(help="Device passwords as a template, e.g. 'pw-{device_id}'.")
+    ] = None,
+    speed: Annotated[
+        float | None, typer.Option(help="Time compression: 60 runs an hour in a minute.")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Simulated seconds to run (without a scenario).")
+    ] = None,
+    interval: Annotated[
+        int | None, typer.Option(help="Report interval in seconds (without a scenario).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="The same seed sends the same messages.")] = 1,
+    broker: Annotated[
+        str | None, typer.Option(help="Broker URL instead of SMARTCOVER_MQTT_URL.")
+    ] = None,
+    load: Annotated[
+        int | None, typer.Option(help="Load mode: publish this many readings at full speed.")
+    ] = None,
+    devices: Annotated[int, typer.Option(help="Load mode: spread over this many devices.")] = 1000,
+    procs: Annotated[int, typer.Option(help="Load mode: publisher processes.")] = 2,
+) -> None:
+    """The device simulator: covers publishing per the wire contract, with faults on cue.
+
+    Without --scenario the fleet reports normally. Simulated time starts in the past and
+    catches up with the clock when the run ends, so with --speed the readings' timestamps
+    stay valid. Device credentials come from --credentials or --password-template; only
+    the broker's address is taken from SMARTCOVER_MQTT_URL.
+    """
+    from device_sim.errors import SimError  # noqa: PLC0415 -- keeps `--help` fast
+
+    if list_scenarios:
+        _list_scenarios()
+        return
+    settings = _settings()
+    logs.configure(settings.log_level)
+    url = broker or settings.mqtt_url.get_secret_value()
+    if load is not None:
+        if scenario or check:
+            raise _fail("--load runs alone: no --scenario or --check with it")
+        _run_load(url, load, devices, procs, seed)
+        return
+    if check and not scenario:
+        raise _fail("--check needs a --scenario")
+    try:
+        chosen = _scenario(scenario, speed=speed, duration=duration, interval=interval)
+        fleet_covers = _fleet(
+            chosen,
+            fleet,
+            covers,
+            seed=seed,
+            centre=centre,
+            admin_code=admin_code,
+            prefix=device_prefix,
+        )
+        if scenario is None:
+            chosen = chosen.model_copy(update={"fleet_size": len(fleet_covers)})
+        device_credentials = _credentials(credentials, password_template, fleet_covers)
+        if dry_run:
+            _dry_run(chosen, fleet_covers, seed)
+            return
+        endpoint = _device_endpoint(url)
+        planned = _announce(chosen, fleet_covers, seed)
+        runner = _Runner(
+            chosen,
+            fleet_covers,
+            seed,
+            endpoint,
+            device_credentials,
+            planned=planned,
+            protocol=settings.mqtt_protocol,
+        )
+        if check:
+            _check(chosen, fleet_covers, runner, service, settle_timeout)
+        else:
+            _report_run(asyncio.run(runner.run()))
+    except SimError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _list_scenarios() -> None:
+    from device_sim.scenario import load_scenario, shipped_scenarios  # noqa: PLC0415
+
+    table = Table("scenario", "covers", "simulated", "speed", "what happens", show_lines=True)
+    for name in shipped_scenarios():
+        item = load_scenario(name)
+        table.add_row(
+            name,
+            str(item.fleet_size),
+            _duration(item.duration_s),
+            f"{item.speed:g}x",
+            " ".join(item.description.split()),
+        )
+    console.print(table)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:g} d"
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} h"
+    return f"{seconds / 60:g} min"
+
+
+def _scenario(
+    name: str | None, *, speed: float | None, duration: float | None, interval: int | None
+) -> Scenario:
+    from device_sim.scenario import MAX_DURATION_S, Scenario, load_scenario  # noqa: PLC0415
+
+    if name is not None:
+        if duration is not None or interval is not None:
+            raise _fail("--duration and --interval are the scenario's own; not with --scenario")
+        return load_scenario(name).with_speed(speed)
+    compressed = speed is not None and speed > 1
+    try:
+        return Scenario(
+            name="fleet",
+            description="The fleet reporting normally.",
+            fleet_size=1,  # replaced by the fleet's size
+            duration_s=duration or (_FREE_RUN_COMPRESSED_S if compressed else MAX_DURATION_S),
+            speed=speed or 1.0,
+            report_interval_s=interval,
+        )
+    except ValidationError as exc:
+        raise _fail(f"invalid --speed, --duration or --interval:\n{exc}") from None
+
+
+def _fleet(
+    scenario: Scenario,
+    census: Path | None,
+    count: int | None,
+    *,
+    seed: int,
+    centre: str,
+    admin_code: str,
+    prefix: str,
+) -> list[SimCover]:
+    from device_sim.errors import FleetError  # noqa: PLC0415
+    from device_sim.fleet import CsvFleet, FleetSource, GeneratedFleet  # noqa: PLC0415
+
+    source: FleetSource
+    if census is not None:
+        source = CsvFleet(census)
+    else:
+        try:
+            lon, lat = (float(part) for part in centre.split(","))
+        except ValueError:
+            raise FleetError(f"--centre must be LON,LAT, not {centre!r}") from None
+        wanted = count or (scenario.fleet_size if scenario.name != "fleet" else 10)
+        source = GeneratedFleet(
+            wanted, seed=seed, admin_code=admin_code, centre=(lon, lat), device_prefix=prefix
+        )
+    found = source.covers()
+    if scenario.name == "fleet":
+        return found[:count] if count else found
+    if len(found) < scenario.fleet_size:
+        raise FleetError(
+            f"scenario {scenario.name} needs {scenario.fleet_size} covers with sensors, "
+            f"the fleet has {len(found)}"
+        )
+    return found[: scenario.fleet_size]
+
+
+def _credentials(
+    path: Path | None, template: str | None, fleet_covers: list[SimCover]
+) -> Credentials:
+    from device_sim.errors import FleetError  # noqa: PLC0415
+    from device_sim.fleet import CredentialsFile, NoCredentials, PasswordTemplate  # noqa: PLC0415
+
+    if path is not None and template is not None:
+        raise FleetError("give --credentials or --password-template, not both")
+    if template is not None:
+        return PasswordTemplate(template)
+    if path is None:
+        return NoCredentials()
+    loaded = CredentialsFile.load(path)
+    missing = loaded.missing(fleet_covers)
+    if missing:
+        raise FleetError(f"{path}: no password for {len(missing)} devices, e.g. {missing[0]}")
+    return loaded
+
+
+def _device_endpoint(url: str) -> MqttEndpoint:
+    """The broker's address; the URL's user and password are the service's, not a device's."""
+    from device_sim.errors import BrokerError  # noqa: PLC0415
+
+    try:
+        endpoint = MqttEndpoint.parse(url)
+    except ValueError as exc:
+        raise BrokerError(str(exc)) from None
+    return endpoint.model_copy(update={"username": None, "password": None})
+
+
+def _plan_now(scenario: Scenario, fleet_covers: list[SimCover], seed: int) -> Plan:
+    from device_sim.runner import wall_clock_ms  # noqa: PLC0415
+    from device_sim.timeline import Plan, Timebase  # noqa: PLC0415
+
+    timebase = Timebase.catching_up(
+        real_start_ms=wall_clock_ms(), duration_s=scenario.duration_s, speed=scenario.speed
+    )
+    return Plan(scenario, tuple(fleet_covers), seed, timebase)
+
+
+def _dry_run(scenario: Scenario, fleet_covers: list[SimCover], seed: int) -> None:
+    from device_sim.timeline import Publication  # noqa: PLC0415
+
+    plan = _plan_now(scenario, fleet_covers, seed)
+    for action in plan.actions():
+        line: dict[str, object] = {
+            "sim_time": datetime.fromtimestamp(action.at_ms / 1000, UTC).isoformat(),
+            "device_id": fleet_covers[action.device].device_id,
+        }
+        if isinstance(action, Publication):
+            line |= {
+                "intent": action.intent,
+                "topic": action.topic,
+                "payload": action.payload.decode(errors="replace"),
+            }
+        else:
+            line["link"] = "online" if action.online else "offline (Last Will)"
+        typer.echo(json.dumps(line, ensure_ascii=False))
+
+
+def _announce(scenario: Scenario, fleet_covers: list[SimCover], seed: int) -> int | None:
+    """Says what will run; for a scenario, warns when its counts will not come out."""
+    from device_sim.outcome import differences, predict  # noqa: PLC0415
+
+    real_s = scenario.duration_s / scenario.speed
+    console.print(
+        f"[bold]{scenario.name}[/bold]: {len(fleet_covers)} devices, "
+        f"{_duration(scenario.duration_s)} simulated at {scenario.speed:g}x "
+        f"= {real_s:,.0f} s, seed {seed}"
+    )
+    if scenario.expect is None:
+        return None
+    outcome = predict(_plan_now(scenario, fleet_covers, seed))
+    for problem in differences(scenario.expect, outcome):
+        console.print(f"[yellow]warning: with these options, expected {problem} (predicted)")
+    return outcome.acknowledged
+
+
+class _Runner:
+    """Runs a scenario with a progress display; `--check` calls it between observations."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        fleet_covers: list[SimCover],
+        seed: int,
+        endpoint: MqttEndpoint,
+        credentials: Credentials,
+        *,
+        planned: int | None,
+        protocol: int,
+    ) -> None:
+        self.scenario = scenario
+        self.covers = fleet_covers
+        self.seed = seed
+        self.endpoint = endpoint
+        self.credentials = credentials
+        self.planned = planned
+        self.protocol = protocol
+
+    async def run(self) -> RunResult:
+        from device_sim.runner import run_scenario  # noqa: PLC0415
+
+        with _ProgressDisplay(self.planned) as update:
+            return await run_scenario(
+                self.scenario,
+                self.covers,
+                seed=self.seed,
+                endpoint=self.endpoint,
+                credentials=self.credentials,
+                protocol=self.protocol,
+                planned=self.planned,
+                on_progress=update,
+            )
+
+
+class _ProgressDisplay:
+    """A rich progress bar of published and acknowledged messages, rate and simulated time."""
+
+    def __init__(self, total: int | None) -> None:
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("published {task.fields[published]:,} acknowledged {task.completed:,.0f}"),
+            TextColumn("{task.fields[rate]:,.0f}/s"),
+            TextColumn("online {task.fields[online]}"),
+            TextColumn("sim {task.fields[sim]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self._task = TaskID(0)
+        self._total = total
+
+    def __enter__(self) -> Callable[[RunProgress], None]:
+        self._bar.start()
+        self._task = self._bar.add_task(
+            "sim", total=self._total, published=0, rate=0.0, online="-", sim="-"
+        )
+        return self._update
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.stop()
+
+    def _update(self, progress: RunProgress) -> None:
+        sim_time = datetime.fromtimestamp(progress.sim_ms / 1000, UTC).strftime("%m-%d %H:%M")
+        self._bar.update(
+            self._task,
+            completed=progress.acknowledged,
+            published=progress.published,
+            rate=progress.rate,
+            online=f"{progress.online}/{progress.devices}",
+            sim=sim_time,
+        )
+
+
+def _report_run(result: RunResult) -> None:
+    console.print(
+        f"published {result.published:,}, acknowledged by the broker {result.acknowledged:,} "
+        f"in {result.seconds:.1f} s"
+    )
+    if result.unacknowledged or result.refused:
+        raise _fail(
+            f"{result.unacknowledged} not acknowledged, {result.refused} refused by the broker", 1
+        )
+
+
+def _check(
+    scenario: Scenario,
+    fleet_covers: list[SimCover],
+    runner: _Runner,
+    service: str,
+    settle_timeout: float,
+) -> None:
+    from device_sim.check import HttpServiceProbe, check  # noqa: PLC0415
+
+    if scenario.expect is None:
+        raise _fail(f"scenario {scenario.name} declares no [expect]: nothing to check")
+    expect = scenario.expect
+
+    async def checked() -> CheckReport:
+        async with HttpServiceProbe(service) as probe:
+            return await check(
+                expect, fleet_covers, runner.run, probe, settle_timeout_s=settle_timeout
+            )
+
+    report = asyncio.run(checked())
+    table = Table("expectation", "expected", "observed", "result", "note", title=scenario.name)
+    for verdict in report.verdicts:
+        style = _STATUS_STYLE[verdict.status.value]
+        table.add_row(
+            verdict.what,
+            verdict.expected,
+            verdict.observed,
+            f"[{style}]{verdict.status.value}[/{style}]",
+            verdict.note,
+        )
+    console.print(table)
+    if not report.passed:
+        raise _fail(f"{scenario.name}: FAILED", 1)
+    console.print(f"[green]{scenario.name}: passed[/green]")
+
+
+def _run_load(url: str, readings: int, devices: int, procs: int, seed: int) -> None:
+    from device_sim.load import LoadPlan, run_load  # noqa: PLC0415
+
+    plan = LoadPlan(url=url, readings=readings, devices=devices, processes=procs, seed=seed)
+    started: list[float] = []
+
+    def on_progress(published: int, acknowledged: int) -> None:
+        elapsed = time.monotonic() - started[0] if started else 0.0
+        update(published, acknowledged, acknowledged / elapsed if elapsed else 0.0)
+
+    bar = Progress(
+        TextColumn("[bold]load"),
+        BarColumn(),
+        TextColumn("published {task.fields[published]:,} acknowledged {task.completed:,.0f}"),
+        TextColumn("{task.fields[rate]:,.0f}/s"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    with bar:
+        task = bar.add_task("load", total=readings, published=0, rate=0.0)
+
+        def update(published: int, acknowledged: int, rate: float) -> None:
+            bar.update(task, completed=acknowledged, published=published, rate=rate)
+
+        result = run_load(plan, lambda: started.append(time.monotonic()), on_progress=on_progress)
+        update(result.published, result.acknowledged, result.rate)
+    console.print(
+        f"published {result.published:,}, acknowledged by the broker "
+        f"{result.acknowledged:,} in {result.seconds:.1f} s ({result.rate:,.0f}/s)"
+    )
+    if result.acknowledged != result.published:
+        raise typer.Exit(1)
