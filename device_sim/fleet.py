@@ -125,7 +125,7 @@ class GeneratedFleet:
     def covers(self) -> list[SimCover]:
         if not 0 <= self.count <= 999_999:
             raise FleetError(f"cannot generate {self.count} covers (0 … 999,999)")
-        if not DEVICE_ID.match(f"{self.device_prefix}-00000"):
+        if not DEVICE_ID.fullmatch(f"{self.device_prefix}-00000"):
             raise FleetError(f"device prefix {self.device_prefix!r} gives invalid device ids")
         sequences = dict.fromkeys(MINOR_CLASS_OWNER, 0)
         classes, weights = zip(*_CLASS_WEIGHTS.items(), strict=True)
@@ -249,7 +249,7 @@ class CsvFleet:
         if not values.get("device_id") or values.get("state", "") not in _IN_SERVICE:
             return None
         device_id = values["device_id"]
-        if not DEVICE_ID.match(device_id):
+        if not DEVICE_ID.fullmatch(device_id):
             raise self._error(line, "device_id", f"{device_id!r} is not 1-64 of [A-Za-z0-9_.-]")
         if not COVER_ID.match(values["cover_id"]):
             raise self._error(line, "cover_id", f"{values['cover_id']!r} is not 16 digits")
