@@ -115,7 +115,10 @@ def _validator(annotation: Any) -> Callable[[Any], Any]:
         try:
             return adapter.validate_python(value)
         except ValidationError as exc:
-            raise _CellError(exc.errors(include_url=False)[0]["msg"]) from None
+            error = exc.errors(include_url=False)[0]
+            # Our own validators' messages, without pydantic's "Value error, " in front.
+            cause = error.get("ctx", {}).get("error")
+            raise _CellError(str(cause) if cause is not None else error["msg"]) from None
 
     return validate
 
@@ -187,6 +190,10 @@ class _Column:
 
 
 _text = _validator(ShortText)
+_longitude = _validator(Longitude)
+_latitude = _validator(Latitude)
+_depth = _validator(DepthCm)
+_interval = _validator(ReportInterval)
 _COLUMNS = (
     _Column("cover_id", "编号", True, _validator(CoverNumber)),
     _Column("kind_code", "类别代码", True, _validator(KindCode)),
@@ -194,21 +201,16 @@ _COLUMNS = (
     _Column("maintainer_unit", "养护单位", False, _validator(UnitCode)),
     _Column("road", "道路", True, _text),
     _Column("grid", "网格", False, _text),
-    _Column("lon", "经度", True, lambda text: _validator(Longitude)(_number(text))),
-    _Column("lat", "纬度", True, lambda text: _validator(Latitude)(_number(text))),
-    _Column("depth_cm", "井深", False, lambda text: _validator(DepthCm)(_number(text))),
+    _Column("lon", "经度", True, lambda text: _longitude(_number(text))),
+    _Column("lat", "纬度", True, lambda text: _latitude(_number(text))),
+    _Column("depth_cm", "井深", False, lambda text: _depth(_number(text))),
     _Column("material", "材质", False, _text),
     _Column("installed_on", "安装日期", False, _date),
     _Column("flood_prone", "易涝点", False, _flag),
     _Column("anti_fall", "防坠网", False, _flag),
     _Column("state", "状态", False, _state),
     _Column("device_id", "设备编号", False, _validator(DeviceId)),
-    _Column(
-        "report_interval_s",
-        "上报周期",
-        False,
-        lambda text: _validator(ReportInterval)(_integer(text)),
-    ),
+    _Column("report_interval_s", "上报周期", False, lambda text: _interval(_integer(text))),
 )
 _BY_HEADER = {
     **{column.field: column for column in _COLUMNS},
@@ -666,14 +668,17 @@ async def _write_devices(
             .values(report_interval_s=bindparam("report_interval_s"), updated_at=now)
         )
         await _execute_chunked(session, statement, plan.device_updates)
-    ended: list[dict[str, Any]] = []
-    for device_id, cover_id in plan.bindings:
+    # binding id → why it ends. A device that moves here from a cover that gets another
+    # device ends both ways at once: "moved" says more (the device lives on elsewhere).
+    ended: dict[int, str] = {}
+    for device_id, _ in plan.bindings:
         moved = registry.open_by_device.get(device_id)
         if moved is not None:
-            ended.append({"b_id": moved[0], "end_reason": EndReason.MOVED.value})
+            ended[moved[0]] = EndReason.MOVED.value
+    for device_id, cover_id in plan.bindings:
         replaced = registry.open_by_cover.get(cover_id)
         if replaced is not None and replaced[1] != device_id:
-            ended.append({"b_id": replaced[0], "end_reason": EndReason.REPLACED.value})
+            ended.setdefault(replaced[0], EndReason.REPLACED.value)
     bindings = _table(DeviceBindingRow)
     if ended:
         # Ended first: the unique index on open bindings would refuse the new ones.
@@ -682,7 +687,8 @@ async def _write_devices(
             .where(bindings.c.id == bindparam("b_id"))
             .values(unbound_at=now, end_reason=bindparam("end_reason"))
         )
-        await _execute_chunked(session, statement, list({r["b_id"]: r for r in ended}.values()))
+        rows = [{"b_id": binding_id, "end_reason": why} for binding_id, why in ended.items()]
+        await _execute_chunked(session, statement, rows)
     await _execute_chunked(
         session,
         insert(bindings),

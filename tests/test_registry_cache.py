@@ -1,0 +1,174 @@
+"""The registry cache on SQLite and PostgreSQL: look-ups, refresh on change, unregistered."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from core import db, registry
+from core.registry_cache import RegistryCache
+from core.registry_schemas import (
+    CoverCreate,
+    CoverUpdate,
+    DeviceCreate,
+    ThresholdOverrides,
+    Unit,
+    UnitKind,
+)
+from tests.db_fixtures import BACKENDS, add_units, fresh_database_url, migrated_sessions
+
+pytestmark = pytest.mark.asyncio
+
+COVER = "4112030101000001"
+OTHER = "4112030102000001"
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return fresh_database_url(request, tmp_path, "cache")
+
+
+@pytest_asyncio.fixture
+async def sessions(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    async with migrated_sessions(database_url) as made:
+        await add_units(made)
+        async with db.transaction(made) as session:
+            for number, owner in ((COVER, "WATER"), (OTHER, "DRAIN")):
+                await registry.create_cover(
+                    session=session,
+                    cover=CoverCreate(
+                        cover_id=number,
+                        owner_unit=owner,
+                        road="Zhongzhou Road",
+                        lon=112.45,
+                        lat=34.62,
+                        depth_cm=200,
+                    ),
+                )
+            await registry.create_device(
+                session=session, device=DeviceCreate(device_id="SC-0001", report_interval_s=600)
+            )
+            await registry.create_device(session=session, device=DeviceCreate(device_id="SC-0002"))
+            await registry.bind_device(session=session, device_id="SC-0001", cover_id=COVER)
+        yield made
+
+
+async def test_lookups_answer_from_memory_after_a_refresh(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    cache = RegistryCache(sessions)
+    assert cache.lookup("SC-0001") is None  # nothing before the first refresh
+    assert await cache.refresh()
+
+    bound = cache.lookup("SC-0001")
+    assert bound is not None
+    assert (bound.cover_id, bound.owner_unit, bound.report_interval_s) == (COVER, "WATER", 600)
+    assert bound.thresholds is None
+    assert bound.cover is not None
+    assert (bound.cover.depth_cm, bound.cover.road, bound.cover.state) == (
+        200,
+        "Zhongzhou Road",
+        "in_service",
+    )
+    spare = cache.lookup("SC-0002")  # registered, on no cover
+    assert spare is not None
+    assert (spare.cover_id, spare.report_interval_s) == (None, 3600)
+    assert cache.lookup("SC-9999") is None
+    assert cache.cover(OTHER) is not None
+    assert (len(cache), cache.device_count) == (2, 2)
+    # Repeated values are one object each, whatever the number of covers.
+    other = cache.cover(OTHER)
+    assert other is not None
+    assert other.road is bound.cover.road
+
+
+async def test_refresh_reloads_only_when_the_registry_changed(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    cache = RegistryCache(sessions)
+    await cache.refresh()
+    loaded = cache.version
+    assert not await cache.refresh()
+
+    overrides = ThresholdOverrides(tilt_open_deg=30, water_limit_cm=150)
+    async with db.transaction(sessions) as session:
+        await registry.update_cover(
+            session=session, cover_id=COVER, update=CoverUpdate(thresholds=overrides)
+        )
+        await registry.bind_device(session=session, device_id="SC-0002", cover_id=OTHER)
+        await registry.create_unit(
+            session=session,
+            unit=Unit(
+                code="GAS",
+                name="Gas company",
+                kind=UnitKind.GAS,
+                webhook_url="https://hooks.example/gas",
+            ),
+        )
+    stale = cache.lookup("SC-0002")
+    assert stale is not None
+    assert stale.cover_id is None  # until the refresh
+
+    assert await cache.refresh()
+    assert cache.version > loaded
+    moved = cache.lookup("SC-0002")
+    bound = cache.lookup("SC-0001")
+    assert moved is not None
+    assert bound is not None
+    assert (moved.cover_id, moved.owner_unit) == (OTHER, "DRAIN")
+    assert bound.thresholds == overrides
+    assert cache.webhook_units() == frozenset({"GAS"})
+
+
+async def test_an_unregistered_device_is_noted_once_even_across_restarts(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    cache = RegistryCache(sessions)
+    await cache.refresh()
+    assert await cache.note_unregistered("SC-9999")
+    assert not await cache.note_unregistered("SC-9999")
+    assert not await cache.note_unregistered("SC-0001")  # registered: nothing to note
+
+    restarted = RegistryCache(sessions)
+    await restarted.refresh()
+    assert not await restarted.note_unregistered("SC-9999")
+
+    # Two workers that have never heard of the device: exactly one of them reports it.
+    workers = [RegistryCache(sessions), RegistryCache(sessions)]
+    for worker in workers:
+        await worker.refresh()
+    firsts = await asyncio.gather(*(worker.note_unregistered("SC-7777") for worker in workers))
+    assert sorted(firsts) == [False, True]
+
+    # Once registered, the device is news again should it ever be unknown again.
+    async with db.transaction(sessions) as session:
+        await registry.create_device(session=session, device=DeviceCreate(device_id="SC-9999"))
+    await restarted.refresh()
+    assert restarted.lookup("SC-9999") is not None
+    fresh = RegistryCache(sessions)
+    await fresh.refresh()
+    assert not await fresh.note_unregistered("SC-9999")
+
+
+async def test_watch_refreshes_until_stopped(sessions: async_sessionmaker[AsyncSession]) -> None:
+    cache = RegistryCache(sessions)
+    stop = asyncio.Event()
+    async with asyncio.TaskGroup() as group:
+        group.create_task(cache.watch(stop, interval_s=0.05))
+        for _ in range(100):
+            if cache.loaded:
+                break
+            await asyncio.sleep(0.01)
+        async with db.transaction(sessions) as session:
+            await registry.create_device(session=session, device=DeviceCreate(device_id="SC-0003"))
+        for _ in range(100):
+            if cache.lookup("SC-0003") is not None:
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+    assert cache.lookup("SC-0003") is not None
