@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 _YIELD_EVERY = 20
 PROGRESS_INTERVAL_S = 0.25
 DRAIN_TIMEOUT_S = 30.0
+# Every device must be connected within this time before the scenario starts.
+CONNECT_TIMEOUT_S = 15.0
 
 
 def wall_clock_ms() -> int:
@@ -54,6 +56,7 @@ class RunResult:
     acknowledged: int  # … acknowledged by the broker (PUBACK)
     unacknowledged: int
     refused: int
+    connects: int  # successful CONNACKs; more than the devices means reconnects
     seconds: float
 
 
@@ -138,6 +141,7 @@ async def play(
         acknowledged=stats.acknowledged,
         unacknowledged=unacknowledged,
         refused=stats.refused,
+        connects=stats.connects,
         seconds=time.monotonic() - player.started,
     )
 
@@ -153,13 +157,16 @@ async def run_scenario(
     planned: int | None = None,
     on_progress: ProgressCallback | None = None,
     clock_ms: Callable[[], int] = wall_clock_ms,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
 ) -> RunResult:
     """Connects the covers' devices, fixes the time base, plays the scenario, disconnects.
 
     The time base is taken once every device is connected, so connecting a large fleet
     does not eat into the scenario's schedule.
     """
-    async with connected_fleet(covers, endpoint, credentials, protocol=protocol) as fleet:
+    async with connected_fleet(
+        covers, endpoint, credentials, protocol=protocol, connect_timeout_s=connect_timeout_s
+    ) as fleet:
         timebase = Timebase.catching_up(
             real_start_ms=clock_ms(), duration_s=scenario.duration_s, speed=scenario.speed
         )
