@@ -354,11 +354,14 @@ class MqttNotifier:
         client_id: str,
         publish_timeout_s: float = MQTT_PUBLISH_TIMEOUT_S,
         connect_wait_s: float = MQTT_CONNECT_WAIT_S,
+        protocol: int = 5,  # 4: MQTT 3.1.1, for brokers that speak nothing newer
         ssl_context: ssl.SSLContext | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._endpoint = endpoint
-        self._options = mqtt.SessionOptions(client_id=client_id, clean_start=True)
+        self._options = mqtt.SessionOptions(
+            client_id=client_id, clean_start=True, protocol=protocol
+        )
         self._publish_timeout_s = publish_timeout_s
         self._connect_wait_s = connect_wait_s
         self._ssl_context = ssl_context

@@ -799,3 +799,23 @@ async def test_a_notifier_bug_parks_its_event_and_spares_the_rest(
     assert "Traceback" in caplog.text  # logged with its traceback, not swallowed
     (summary,) = [r.getMessage() for r in caplog.records if "dispatcher stopped" in r.message]
     assert "3 delivered, 1 failed attempts" in summary
+
+
+@async_test
+async def test_mqtt_notifier_speaks_mqtt_3_1_1_too(mosquitto: MosquittoServer) -> None:
+    crews = Subscriber(mosquitto.url)
+    notifier = MqttNotifier(
+        MqttEndpoint.parse(mosquitto.url), client_id="smartcover-notify-v4", protocol=4
+    )
+    event = OutboxEvent(7, str(uuid.uuid4()), "case.escalated", "TOWN-1", 1_800_000_000_000, {})
+    async with running(crews.run(), notifier.run()):
+        await asyncio.wait_for(crews.subscribed.wait(), WAIT_S)
+        await notifier.deliver(event)  # returns once the PUBACK is in
+        await eventually(lambda: bool(crews.messages), what="the event")
+    assert crews.messages[0].topic == "alerts/TOWN-1"
+    assert json.loads(crews.messages[0].payload)["type"] == "case.escalated"
+    with pytest.raises(DeliveryError) as caught:
+        await notifier.deliver(event)  # not running: not connected
+    assert caught.value.retryable
+    with pytest.raises(DeliveryError):
+        await notifier.deliver(OutboxEvent(8, "e", "case.opened", "a/b", 0, {}))
