@@ -1,4 +1,4 @@
-"""Runs ingest and the HTTP API in one event loop until SIGTERM or SIGINT."""
+"""Runs the service (ingest, alerting, notifications and the HTTP API) until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -6,62 +6,53 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 
 import uvicorn
-from prometheus_client import CollectorRegistry
 
-from api.app import Readiness, create_app
+from api.app import create_app
 from core.settings import Settings
-from ingest.bootstrap import IngestParts, build_ingest
+from smartcover.runtime import Service, build_service, run_service
 
 logger = logging.getLogger(__name__)
 
 
-class _ApiServer(uvicorn.Server):
+class ApiServer(uvicorn.Server):
     """uvicorn without its own signal handling: our stop event decides when it ends."""
 
     @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[no-untyped-def]
+    def capture_signals(self) -> Iterator[None]:
         yield
 
 
-def _readiness(parts: IngestParts) -> Readiness:
-    health = parts.writer.health
-    store_problem = None
-    if health.auth_failed:
-        store_problem = f"credentials refused: {health.last_error}"
-    elif health.down:
-        store_problem = f"unreachable (spooling): {health.last_error}"
-    broker_problem = None if parts.service.broker_connected else "not connected"
-    return Readiness({"broker": broker_problem, "timeseries": store_problem})
+def api_server(service: Service) -> ApiServer:
+    settings = service.settings
+    app = create_app(registry=service.metrics_registry, readiness=service.readiness)
+    config = uvicorn.Config(
+        app, host=settings.api_host, port=settings.api_port, log_level="warning", lifespan="off"
+    )
+    return ApiServer(config)
 
 
-async def serve(settings: Settings, *, with_api: bool = True) -> None:
-    registry = CollectorRegistry()
-    parts = build_ingest(settings, registry)
-    stop = asyncio.Event()
+async def _serve_api(server: ApiServer, stop: asyncio.Event) -> None:
+    task = asyncio.ensure_future(server.serve())
+    try:
+        await stop.wait()
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def serve(
+    settings: Settings, *, with_api: bool = True, stop: asyncio.Event | None = None
+) -> None:
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    api = None
+    service = await build_service(settings)
+    extra = []
     if with_api:
-        app = create_app(registry=registry, readiness=lambda: _readiness(parts))
-        api = _ApiServer(
-            uvicorn.Config(
-                app,
-                host=settings.api_host,
-                port=settings.api_port,
-                log_level="warning",
-                lifespan="off",
-            )
-        )
-    try:
-        async with asyncio.TaskGroup() as group:
-            if api is not None:
-                group.create_task(api.serve(), name="api")
-                logger.info("API on http://%s:%d", settings.api_host, settings.api_port)
-            await parts.service.run(stop)
-            if api is not None:
-                api.should_exit = True
-    finally:
-        await parts.store.close()
+        extra.append(_serve_api(api_server(service), stop))
+        logger.info("API on http://%s:%d", settings.api_host, settings.api_port)
+    await run_service(service, stop, extra)

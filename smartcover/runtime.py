@@ -1,0 +1,170 @@
+"""Wires the parts into one running service: ingest, alerting, notifications and the API.
+
+Start-up in order: relational store migrated, registry loaded, alert state loaded, then
+the tasks. Shutdown in the reverse order of dependency: intake stops and drains (each
+batch acknowledged once stored and evaluated), the engine commits its last changes and
+device progress, then notifier, dispatcher and API stop, and the stores close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from alerting.cases import MINUTE_MS, CasePolicy
+from alerting.dispatcher import OutboxDispatcher
+from alerting.engine import AlertEngine, AlertMetrics, wall_clock_ms
+from alerting.notifiers import MqttNotifier, Notifier, WebhookNotifier
+from alerting.outbox import MQTT_CHANNEL, WEBHOOK_CHANNEL
+from alerting.registry_directory import RegistryContacts, RegistryDirectory
+from alerting.rules import Thresholds
+from api.app import Readiness
+from core.db import create_engine, session_factory, upgrade
+from core.registry_cache import RegistryCache
+from core.settings import Settings
+from ingest.bootstrap import IngestParts, build_ingest
+
+logger = logging.getLogger(__name__)
+
+
+def case_policy(settings: Settings) -> CasePolicy:
+    deadlines: dict[str, dict[str, int]] = {
+        severity: {milestone: round(minutes * MINUTE_MS) for milestone, minutes in due.items()}
+        for severity, due in settings.case_deadlines_min.items()
+    }
+    return CasePolicy(
+        deadlines=deadlines,
+        renotify_every_ms=round(settings.renotify_every_s * 1000),
+        verify_window_ms=round(settings.verify_window_s * 1000),
+        verify_min_readings=settings.verify_min_readings,
+    )
+
+
+@dataclass
+class Service:
+    """Everything one `smartcover serve` process runs."""
+
+    settings: Settings
+    metrics_registry: CollectorRegistry
+    db: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    cache: RegistryCache
+    directory: RegistryDirectory
+    engine: AlertEngine
+    dispatcher: OutboxDispatcher
+    mqtt_notifier: MqttNotifier
+    ingest: IngestParts
+    db_problem: str | None = None
+
+    def readiness(self) -> Readiness:
+        health = self.ingest.writer.health
+        store_problem = None
+        if health.auth_failed:
+            store_problem = f"credentials refused: {health.last_error}"
+        elif health.down:
+            store_problem = f"unreachable (spooling): {health.last_error}"
+        broker = None if self.ingest.service.broker_connected else "not connected"
+        registry = None if self.cache.loaded else "registry not loaded"
+        return Readiness(
+            {"broker": broker, "timeseries": store_problem, "database": self.db_problem or registry}
+        )
+
+
+async def build_service(settings: Settings) -> Service:
+    """Opens the stores and loads the state; nothing runs yet."""
+    metrics_registry = CollectorRegistry()
+    db = create_engine(settings.database_url)
+    await upgrade(db)
+    sessions = session_factory(db)
+    cache = RegistryCache(sessions)
+    await cache.refresh()
+    defaults = Thresholds(tilt_confirm_ms=round(settings.tilt_confirm_s * 1000))
+    directory = RegistryDirectory(cache, defaults)
+    endpoint = settings.mqtt
+    mqtt_notifier = MqttNotifier(
+        endpoint, client_id=f"{settings.mqtt_client_id}-notify", protocol=settings.mqtt_protocol
+    )
+    notifiers: dict[str, Notifier] = {
+        MQTT_CHANNEL: mqtt_notifier,
+        WEBHOOK_CHANNEL: WebhookNotifier(RegistryContacts(sessions)),
+    }
+    dispatcher = OutboxDispatcher(sessions, notifiers, registry=metrics_registry)
+    engine = AlertEngine(
+        sessions=sessions,
+        directory=directory,
+        policy=case_policy(settings),
+        metrics=AlertMetrics(metrics_registry),
+        clock_ms=wall_clock_ms,
+        on_commit=dispatcher.wake,
+    )
+    await engine.load()
+
+    def cover_of(device_id: str) -> str | None:
+        binding = cache.lookup(device_id)
+        return binding.cover_id if binding is not None else None
+
+    ingest = build_ingest(settings, metrics_registry, evaluator=engine, cover_of=cover_of)
+    logger.info("registry: %d covers, %d devices", len(cache), cache.device_count)
+    return Service(
+        settings,
+        metrics_registry,
+        db,
+        sessions,
+        cache,
+        directory,
+        engine,
+        dispatcher,
+        mqtt_notifier,
+        ingest,
+    )
+
+
+async def _watch_database(service: Service) -> None:
+    """Keeps /readyz honest about the relational store."""
+    while True:
+        try:
+            async with service.db.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+            service.db_problem = None
+        except Exception as exc:  # any failure to reach it is what /readyz must show
+            service.db_problem = f"unreachable: {type(exc).__name__}"
+        await asyncio.sleep(5)
+
+
+async def run_service(
+    service: Service, stop: asyncio.Event, extra: list[Coroutine[Any, Any, None]] | None = None
+) -> None:
+    """Runs until `stop` is set, then shuts down in order and closes the stores."""
+    background = [
+        service.cache.watch(stop),
+        service.directory.record_unregistered_forever(),
+        service.engine.run(),
+        service.mqtt_notifier.run(),
+        service.dispatcher.run(),
+        _watch_database(service),
+        *(extra or []),
+    ]
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(_named(job)) for job in background]
+            await service.ingest.service.run(stop)
+            await service.engine.close()
+            for task in tasks:
+                task.cancel()
+    finally:
+        await service.ingest.store.close()
+        await service.db.dispose()
+
+
+async def _named(job: Awaitable[None]) -> None:
+    # A background job that was cancelled at shutdown is done, not failed.
+    with contextlib.suppress(asyncio.CancelledError):
+        await job

@@ -1,0 +1,186 @@
+"""The whole service on real servers: a reading published over MQTT becomes a case and a
+signed webhook for the cover's owner unit; a lorry's spike does not."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from sqlalchemy import select
+
+from alerting.models import AlertRow, CaseRow
+from alerting.notifiers import verify_signature
+from core import registry
+from core.db import create_engine, session_factory, transaction, upgrade
+from core.registry_schemas import UnitUpdate
+from core.settings import MqttEndpoint
+from ingest import mqtt
+from smartcover.runtime import Service, build_service, run_service
+from smartcover.seed import plan_pilot, seed_pilot
+from tests.harness import service_env, settings_of, wait_until
+from tests.servers import InfluxServer, MosquittoServer
+
+pytestmark = pytest.mark.asyncio
+SECRET = "demo-secret"  # noqa: S105 -- the seed's public demo secret
+
+
+@dataclass
+class Received:
+    body: bytes
+    headers: dict[str, str]
+
+
+@dataclass
+class WebhookReceiver:
+    url: str
+    received: list[Received] = field(default_factory=list)
+
+
+@pytest.fixture
+def webhook() -> Iterator[WebhookReceiver]:
+    receiver = WebhookReceiver(url="")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            receiver.received.append(Received(body, dict(self.headers.items())))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    receiver.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield receiver
+    server.shutdown()
+    server.server_close()
+
+
+@pytest_asyncio.fixture
+async def service(
+    mosquitto: MosquittoServer,
+    influx_server: InfluxServer,
+    influx_db: str,
+    tmp_path: Path,
+    webhook: WebhookReceiver,
+) -> AsyncIterator[Service]:
+    database_url = f"sqlite:///{tmp_path / 'smartcover.db'}"
+    engine = create_engine(database_url)
+    await upgrade(engine)
+    sessions = session_factory(engine)
+    await seed_pilot(sessions, plan_pilot(12))
+    async with transaction(sessions) as session:
+        for code in ("DR-CITY", "WS-CITY"):
+            await registry.update_unit(
+                session=session, code=code, update=UnitUpdate(webhook_url=webhook.url)
+            )
+    await engine.dispose()
+    env = service_env(
+        mosquitto, influx_server, influx_db, tmp_path, SMARTCOVER_DATABASE_URL=database_url
+    )
+    built = await build_service(settings_of(env))
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_service(built, stop))
+    await wait_until(lambda: built.ingest.service.broker_connected, timeout_s=10)
+    yield built
+    stop.set()
+    await task
+
+
+async def publish(url: str, readings: list[dict[str, object]]) -> None:
+    options = mqtt.SessionOptions("test-device", clean_start=True)
+    async with mqtt.connect(MqttEndpoint.parse(url), options, lambda _: None) as connection:
+        for reading in readings:
+            topic = f"covers/{reading['device_id']}/telemetry"
+            await connection.publish(topic, json.dumps(reading).encode(), qos=1)
+
+
+def reading(device: str, seq: int, **values: float) -> dict[str, object]:
+    # One reading a second, the newest now: the rules order readings by their time.
+    ts = time.time_ns() // 1_000_000 - (10 - seq) * 1000
+    return {
+        "device_id": device,
+        "seq": seq,
+        "ts": ts,
+        "tilt_deg": 0.5,
+        "displacement_mm": 0.0,
+        "water_level_cm": 20.0,
+        **values,
+    }
+
+
+async def cases(service: Service) -> list[CaseRow]:
+    async with transaction(service.sessions, write=False) as session:
+        return list(await session.scalars(select(CaseRow)))
+
+
+async def test_displaced_cover_becomes_a_case_and_a_signed_webhook(
+    service: Service,
+    mosquitto: MosquittoServer,
+    webhook: WebhookReceiver,
+) -> None:
+    cover = plan_pilot(12)[0]
+    await publish(
+        mosquitto.url,
+        [reading(cover.device_id, 0), reading(cover.device_id, 1, displacement_mm=42.0)],
+    )
+    await wait_until(lambda: len(webhook.received) >= 2, timeout_s=15, what="webhooks")
+    [case] = await cases(service)
+    assert (case.cover_id, case.unit_code, case.severity, case.status) == (
+        cover.cover_id,
+        cover.owner_unit,
+        "critical",
+        "dispatched",
+    )
+    await wait_until(
+        lambda: (
+            {json.loads(r.body)["type"] for r in webhook.received}
+            >= {"alert.raised", "case.opened"}
+        ),
+        timeout_s=15,
+        what="alert and case webhooks",
+    )
+    for delivery in webhook.received:
+        assert verify_signature(
+            SECRET, delivery.headers["X-Smartcover-Signature"], delivery.body, now=time.time()
+        )
+        assert delivery.headers["X-Smartcover-Event-Id"] == json.loads(delivery.body)["event_id"]
+    async with transaction(service.sessions, write=False) as session:
+        alert = await session.scalar(select(AlertRow))
+    assert alert is not None
+    assert alert.received_ms is not None
+    assert alert.committed_ms is not None
+    await wait_until(lambda: service.dispatcher.delivered >= 2, timeout_s=10)
+    async with transaction(service.sessions, write=False) as session:
+        alert = await session.scalar(select(AlertRow))
+    assert alert is not None
+    assert alert.notified_ms is not None
+    assert alert.raised_ms <= alert.received_ms <= alert.committed_ms <= alert.notified_ms
+
+
+async def test_a_passing_lorry_causes_no_case(
+    service: Service,
+    mosquitto: MosquittoServer,
+    influx_server: InfluxServer,
+    influx_db: str,
+) -> None:
+    device = plan_pilot(12)[1].device_id
+    await publish(
+        mosquitto.url, [reading(device, 0), reading(device, 1, tilt_deg=28.0), reading(device, 2)]
+    )
+    await wait_until(lambda: influx_server.count(influx_db) >= 3, timeout_s=10, what="stored")
+    await asyncio.sleep(0.5)
+    assert await cases(service) == []
+    [point] = [p for p in influx_server.points(influx_db) if p["seq"] == 1]
+    assert point["cover_id"] == plan_pilot(12)[1].cover_id  # tagged from the registry
