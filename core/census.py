@@ -26,11 +26,11 @@ import logging
 import math
 import re
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from openpyxl import load_workbook
 from pydantic import TypeAdapter, ValidationError
@@ -421,6 +421,16 @@ def _header(layout: _Layout, name: str) -> str:
     return name
 
 
+class _Interner:
+    """One shared object per distinct value: a census repeats roads, units and materials."""
+
+    def __init__(self) -> None:
+        self._seen: dict[Any, Any] = {}
+
+    def __call__(self, value: Any) -> Any:
+        return self._seen.setdefault(value, value) if isinstance(value, str) else value
+
+
 @dataclass(slots=True)
 class _Registry:
     """What the import checks rows against, read once at the start of the transaction."""
@@ -445,8 +455,10 @@ async def _load_registry(session: AsyncSession) -> _Registry:
         )
     }
     stored = [getattr(CoverRow, name) for name in _STORED]
+    intern = _Interner()
     covers = {
-        row[0]: tuple(row[1:]) for row in await session.execute(select(CoverRow.cover_id, *stored))
+        row[0]: tuple(intern(value) for value in row[1:])
+        for row in await session.execute(select(CoverRow.cover_id, *stored))
     }
     devices = dict(
         (await session.execute(select(DeviceRow.device_id, DeviceRow.report_interval_s))).all()
@@ -535,15 +547,48 @@ class _Checker:
 
 # -- the plan and its writing -----------------------------------------------------------
 
+# The values a _Cover carries, in order: the derived class, the owner, the file's fields.
+_VALUES = ("kind_code", "owner_unit", *_COVER_FIELDS)
+
+
+@dataclass(frozen=True, slots=True)
+class _Cover:
+    """A valid row, compact: a whole census waits in memory until it is written."""
+
+    cover_id: str
+    road: str
+    values: tuple[Any, ...]  # as _VALUES, defaults applied to empty cells
+    device_id: str | None
+    interval: int | None
+
+
+def _compact(row: _Row, intern: _Interner) -> _Cover:
+    values = row.values
+    cover_id = values["cover_id"]
+    fields = [kind_code_of(cover_id), values["owner_unit"]]
+    fields += [_or_default(name, values.get(name)) for name in _COVER_FIELDS]
+    return _Cover(
+        cover_id=cover_id,
+        road=intern(values["road"]),
+        values=tuple(intern(value) for value in fields),
+        device_id=values.get("device_id"),
+        interval=values.get("report_interval_s"),
+    )
+
+
+def _or_default(name: str, value: Any) -> Any:
+    return _DEFAULTS.get(name) if value is None else value
+
 
 @dataclass(slots=True)
 class _Plan:
+    written: tuple[str, ...]  # the cover fields an update writes: the file's columns
     new_roads: list[str] = field(default_factory=list)
-    inserts: list[dict[str, Any]] = field(default_factory=list)
-    updates: list[dict[str, Any]] = field(default_factory=list)
+    inserts: list[_Cover] = field(default_factory=list)
+    updates: list[_Cover] = field(default_factory=list)
     unchanged: int = 0
-    new_devices: list[dict[str, Any]] = field(default_factory=list)
-    device_updates: list[dict[str, Any]] = field(default_factory=list)
+    new_devices: list[tuple[str, int]] = field(default_factory=list)
+    device_updates: list[tuple[str, int]] = field(default_factory=list)
     bindings: list[tuple[str, str]] = field(default_factory=list)  # (device_id, cover_id)
 
     @property
@@ -553,101 +598,111 @@ class _Plan:
         )
 
 
-def _plan(rows: list[_Row], registry: _Registry, present: frozenset[str]) -> _Plan:
-    plan = _Plan()
-    for road in dict.fromkeys(row.values["road"] for row in rows):
+def _plan(covers: list[_Cover], registry: _Registry, present: frozenset[str]) -> _Plan:
+    plan = _Plan(written=tuple(name for name in _COVER_FIELDS if name in present))
+    for road in dict.fromkeys(cover.road for cover in covers):
         if road not in registry.roads:
             plan.new_roads.append(road)
             # A placeholder id; the real one is known once the road is inserted.
             registry.roads[road] = (-len(plan.new_roads), None)
-    written = [name for name in _COVER_FIELDS if name in present]
-    for row in rows:
-        _plan_cover(plan, row, registry, written)
-        _plan_device(plan, row, registry)
+    # Positions of the compared fields in a _Cover's values and in a stored row.
+    compared = [(_VALUES.index(name), _STORED.index(name)) for name in _VALUES[:2] + plan.written]
+    road_at = _STORED.index("road_id")
+    for cover in covers:
+        stored = registry.covers.get(cover.cover_id)
+        if stored is None:
+            plan.inserts.append(cover)
+        elif stored[road_at] == registry.roads[cover.road][0] and all(
+            cover.values[mine] == stored[theirs] for mine, theirs in compared
+        ):
+            plan.unchanged += 1
+        else:
+            plan.updates.append(cover)
+        _plan_device(plan, cover, registry)
     return plan
 
 
-def _plan_cover(plan: _Plan, row: _Row, registry: _Registry, written: list[str]) -> None:
-    values = row.values
-    cover_id = values["cover_id"]
-    record = {
-        "kind_code": kind_code_of(cover_id),
-        "owner_unit": values["owner_unit"],
-        "road_id": registry.roads[values["road"]][0],
-        **{name: _or_default(name, values.get(name)) for name in written},
-    }
-    stored = registry.covers.get(cover_id)
-    if stored is None:
-        defaults = {name: _DEFAULTS.get(name) for name in _COVER_FIELDS}
-        plan.inserts.append({**defaults, **record, "cover_id": cover_id, "road": values["road"]})
+def _plan_device(plan: _Plan, cover: _Cover, registry: _Registry) -> None:
+    if cover.device_id is None:
         return
-    before = dict(zip(_STORED, stored, strict=True))
-    if all(before[name] == value for name, value in record.items()):
-        plan.unchanged += 1
-        return
-    plan.updates.append({**record, "b_cover_id": cover_id, "road": values["road"]})
-
-
-def _or_default(name: str, value: Any) -> Any:
-    return _DEFAULTS.get(name) if value is None else value
-
-
-def _plan_device(plan: _Plan, row: _Row, registry: _Registry) -> None:
-    device_id = row.values.get("device_id")
-    if device_id is None:
-        return
-    interval = row.values.get("report_interval_s")
-    known = registry.devices.get(device_id)
+    known = registry.devices.get(cover.device_id)
     if known is None:
-        interval = interval or DEFAULT_REPORT_INTERVAL_S
-        plan.new_devices.append({"device_id": device_id, "report_interval_s": interval})
-    elif interval is not None and interval != known:
-        plan.device_updates.append({"b_device_id": device_id, "report_interval_s": interval})
-    current = registry.open_by_device.get(device_id)
-    if current is None or current[1] != row.values["cover_id"]:
-        plan.bindings.append((device_id, row.values["cover_id"]))
+        plan.new_devices.append((cover.device_id, cover.interval or DEFAULT_REPORT_INTERVAL_S))
+    elif cover.interval is not None and cover.interval != known:
+        plan.device_updates.append((cover.device_id, cover.interval))
+    current = registry.open_by_device.get(cover.device_id)
+    if current is None or current[1] != cover.cover_id:
+        plan.bindings.append((cover.device_id, cover.cover_id))
 
 
 def _table(model: type[Base]) -> Table:
     return Base.metadata.tables[model.__tablename__]
 
 
+_Item = TypeVar("_Item")
+
+
 async def _execute_chunked(
-    session: AsyncSession, statement: Any, rows: list[dict[str, Any]]
+    session: AsyncSession,
+    statement: Any,
+    items: Sequence[_Item],
+    parameters: Callable[[_Item], dict[str, Any]],
 ) -> None:
-    for start in range(0, len(rows), _CHUNK):
-        await session.execute(statement, rows[start : start + _CHUNK])
+    """executemany in chunks; the parameter dicts exist one chunk at a time."""
+    for start in range(0, len(items), _CHUNK):
+        chunk = [parameters(item) for item in items[start : start + _CHUNK]]
+        await session.execute(statement, chunk)
+
+
+async def _road_ids(session: AsyncSession, plan: _Plan, registry: _Registry) -> dict[str, int]:
+    now = utcnow()
+    await _execute_chunked(
+        session,
+        insert(_table(RoadRow)),
+        plan.new_roads,
+        lambda name: {"name": name, "created_at": now},
+    )
+    ids = {name: road_id for name, (road_id, _) in registry.roads.items()}
+    if plan.new_roads:
+        found = await session.execute(
+            select(RoadRow.name, RoadRow.id).where(RoadRow.name.in_(plan.new_roads))
+        )
+        ids.update(dict(found.all()))
+    return ids
 
 
 async def _write(session: AsyncSession, plan: _Plan, registry: _Registry) -> None:
     now = utcnow()
-    if plan.new_roads:
-        await _execute_chunked(
-            session,
-            insert(_table(RoadRow)),
-            [{"name": name, "created_at": now} for name in plan.new_roads],
-        )
-        ids = await session.execute(
-            select(RoadRow.name, RoadRow.id).where(RoadRow.name.in_(plan.new_roads))
-        )
-        real = dict(ids.all())
-        for row in (*plan.inserts, *plan.updates):
-            row["road_id"] = real.get(row["road"], row["road_id"])
-    for row in (*plan.inserts, *plan.updates):
-        del row["road"]
+    road_ids = await _road_ids(session, plan, registry)
     covers = _table(CoverRow)
-    inserts = [{**row, "created_at": now, "updated_at": now} for row in plan.inserts]
-    await _execute_chunked(session, insert(covers), inserts)
-    if plan.updates:
-        columns: dict[str, Any] = {
-            name: bindparam(name) for name in plan.updates[0] if name != "b_cover_id"
+
+    def inserted(cover: _Cover) -> dict[str, Any]:
+        return {
+            "cover_id": cover.cover_id,
+            "road_id": road_ids[cover.road],
+            "created_at": now,
+            "updated_at": now,
+            **dict(zip(_VALUES, cover.values, strict=True)),
         }
-        statement = (
-            update(covers)
-            .where(covers.c.cover_id == bindparam("b_cover_id"))
-            .values(**columns, updated_at=now)
+
+    await _execute_chunked(session, insert(covers), plan.inserts, inserted)
+    changed = ("kind_code", "owner_unit", *plan.written)
+    positions = [_VALUES.index(name) for name in changed]
+
+    def updated(cover: _Cover) -> dict[str, Any]:
+        values = {name: cover.values[at] for name, at in zip(changed, positions, strict=True)}
+        return {"b_cover_id": cover.cover_id, "road_id": road_ids[cover.road], **values}
+
+    statement = (
+        update(covers)
+        .where(covers.c.cover_id == bindparam("b_cover_id"))
+        .values(
+            road_id=bindparam("road_id"),
+            updated_at=now,
+            **{name: bindparam(name) for name in changed},
         )
-        await _execute_chunked(session, statement, plan.updates)
+    )
+    await _execute_chunked(session, statement, plan.updates, updated)
     await _write_devices(session, plan, registry, now)
     await bump_version(session=session)
 
@@ -659,17 +714,48 @@ async def _write_devices(
     await _execute_chunked(
         session,
         insert(devices),
-        [{**row, "created_at": now, "updated_at": now} for row in plan.new_devices],
+        plan.new_devices,
+        lambda new: {
+            "device_id": new[0],
+            "report_interval_s": new[1],
+            "created_at": now,
+            "updated_at": now,
+        },
     )
-    if plan.device_updates:
-        statement = (
-            update(devices)
-            .where(devices.c.device_id == bindparam("b_device_id"))
-            .values(report_interval_s=bindparam("report_interval_s"), updated_at=now)
-        )
-        await _execute_chunked(session, statement, plan.device_updates)
-    # binding id → why it ends. A device that moves here from a cover that gets another
-    # device ends both ways at once: "moved" says more (the device lives on elsewhere).
+    statement = (
+        update(devices)
+        .where(devices.c.device_id == bindparam("b_device_id"))
+        .values(report_interval_s=bindparam("report_interval_s"), updated_at=now)
+    )
+    await _execute_chunked(
+        session,
+        statement,
+        plan.device_updates,
+        lambda change: {"b_device_id": change[0], "report_interval_s": change[1]},
+    )
+    bindings = _table(DeviceBindingRow)
+    # Ended first: the unique index on open bindings would refuse the new ones.
+    statement = (
+        update(bindings)
+        .where(bindings.c.id == bindparam("b_id"))
+        .values(unbound_at=now, end_reason=bindparam("end_reason"))
+    )
+    ended = list(_ended_bindings(plan, registry).items())
+    await _execute_chunked(
+        session, statement, ended, lambda end: {"b_id": end[0], "end_reason": end[1]}
+    )
+    await _execute_chunked(
+        session,
+        insert(bindings),
+        plan.bindings,
+        lambda bound: {"device_id": bound[0], "cover_id": bound[1], "bound_at": now},
+    )
+
+
+def _ended_bindings(plan: _Plan, registry: _Registry) -> dict[int, str]:
+    """Binding id → why it ends, for the open bindings the new ones replace."""
+    # A device that moves here from a cover that gets another device ends both ways at
+    # once: "moved" says more (the device lives on elsewhere).
     ended: dict[int, str] = {}
     for device_id, _ in plan.bindings:
         moved = registry.open_by_device.get(device_id)
@@ -679,21 +765,7 @@ async def _write_devices(
         replaced = registry.open_by_cover.get(cover_id)
         if replaced is not None and replaced[1] != device_id:
             ended.setdefault(replaced[0], EndReason.REPLACED.value)
-    bindings = _table(DeviceBindingRow)
-    if ended:
-        # Ended first: the unique index on open bindings would refuse the new ones.
-        statement = (
-            update(bindings)
-            .where(bindings.c.id == bindparam("b_id"))
-            .values(unbound_at=now, end_reason=bindparam("end_reason"))
-        )
-        rows = [{"b_id": binding_id, "end_reason": why} for binding_id, why in ended.items()]
-        await _execute_chunked(session, statement, rows)
-    await _execute_chunked(
-        session,
-        insert(bindings),
-        [{"device_id": d, "cover_id": c, "bound_at": now} for d, c in plan.bindings],
-    )
+    return ended
 
 
 # -- the import -------------------------------------------------------------------------
@@ -716,7 +788,8 @@ async def import_census(
     registry = await _load_registry(session)
     checker = _Checker(registry, layout)
     report = CensusReport(dry_run=dry_run, ignored_columns=layout.ignored)
-    valid: list[_Row] = []
+    valid: list[_Cover] = []
+    intern = _Interner()
     for number, cells in table.rows:
         if all(cell is None or (isinstance(cell, str) and not cell.strip()) for cell in cells):
             continue
@@ -727,7 +800,7 @@ async def import_census(
             report.errors += errors
             report.rejected_rows += 1
         else:
-            valid.append(row)
+            valid.append(_compact(row, intern))
     if report.errors and not skip_invalid:
         logger.info("census rejected: %d of %d rows", report.rejected_rows, report.rows)
         return report
