@@ -13,7 +13,8 @@ from alembic import context
 from sqlalchemy import Connection
 
 # Every module defining tables on Base is imported here, so autogenerate sees them all.
-import api.models  # noqa: F401 -- registers the tables
+import alerting.models  # noqa: F401 -- registers the tables
+import api.models  # noqa: F401
 import core.registry_models  # noqa: F401
 from core.db import Base, create_engine
 
