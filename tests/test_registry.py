@@ -37,6 +37,7 @@ from tests.db_fixtures import (
     fresh_database_url,
     migrated_sessions,
 )
+from tests.servers import MosquittoServer
 
 pytestmark = pytest.mark.asyncio
 
@@ -475,3 +476,26 @@ async def test_database_urls_get_their_async_driver(given: str, expected: str) -
 async def test_unsupported_database_urls_are_refused(url: str) -> None:
     with pytest.raises(db.DatabaseUrlError):
         db.async_url(url)
+
+
+# -- credentials on a real broker ------------------------------------------------------
+
+
+async def test_a_stored_hash_is_a_mosquitto_password_entry(tmp_path: Path) -> None:
+    secret = registry.new_device_secret()
+    passwords = tmp_path / "passwords"
+    passwords.write_text(f"SC-0001:{registry.hash_secret(secret)}\n", encoding="utf-8")
+    passwords.chmod(0o600)
+    with MosquittoServer(tmp_path / "broker", password_file=passwords) as broker:
+
+        async def publish(password: str) -> int:
+            process = await asyncio.create_subprocess_exec(
+                *("mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-q", "1"),
+                *("-u", "SC-0001", "-P", password, "-t", "covers/SC-0001/telemetry", "-m", "{}"),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            return await asyncio.wait_for(process.wait(), timeout=10)
+
+        assert await publish(secret) == 0
+        assert await publish("wrong-" + secret) != 0
