@@ -35,11 +35,12 @@ from typing import Any, TypeVar
 from openpyxl import load_workbook
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.db import Base, utcnow
 from core.registry import bump_version, resolve_owner
-from core.registry_errors import Invalid, RegistryError
+from core.registry_errors import Conflict, Invalid
 from core.registry_models import CoverRow, DeviceBindingRow, DeviceRow, RoadRow, UnitRow
 from core.registry_schemas import (
     DEFAULT_REPORT_INTERVAL_S,
@@ -409,9 +410,13 @@ def _parse_row(number: int, cells: list[Any], layout: _Layout) -> tuple[_Row, li
             continue
         if text == "" and column.required and column.field != "owner_unit":
             errors.append(RowError(number, header, "required, but empty"))
-    if any(cell not in (None, "") for cell in cells[layout.width :]):
+    if any(_cell_text(_EXTRA, cell) for cell in cells[layout.width :]):
         errors.append(RowError(number, None, "values beyond the last column with a header"))
     return _Row(number, values), errors
+
+
+# Stands for the cells right of the last header, which only need to be empty.
+_EXTRA = _Column("", "", False, str)
 
 
 def _header(layout: _Layout, name: str) -> str:
@@ -807,7 +812,12 @@ async def import_census(
     plan = _plan(valid, registry, layout.present)
     _count(report, plan)
     if not dry_run and not plan.empty:
-        await _write(session, plan, registry)
+        try:
+            await _write(session, plan, registry)
+        except IntegrityError as exc:
+            # Someone else wrote the same cover, device or road since we read the registry.
+            reason = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc)
+            raise Conflict("census", "import", f"changed meanwhile: {reason}") from exc
         report.committed = True
     logger.info(
         "census %s: %d rows, %d inserted, %d updated, %d unchanged, %d rejected",
@@ -835,7 +845,6 @@ __all__ = [
     "CensusFileError",
     "CensusReport",
     "CensusTable",
-    "RegistryError",
     "RowError",
     "import_census",
     "read_census",

@@ -104,10 +104,6 @@ def async_url(database_url: str) -> str:
     return url.set(drivername=f"{backend}+{driver}").render_as_string(hide_password=False)
 
 
-def is_sqlite(engine: AsyncEngine) -> bool:
-    return engine.dialect.name == "sqlite"
-
-
 def create_engine(database_url: str, *, echo: bool = False) -> AsyncEngine:
     """An async engine; on SQLite: WAL, foreign keys enforced, a busy timeout, real BEGINs."""
     url = make_url(async_url(database_url))

@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.db import transaction, utcnow
+from core.registry_errors import RegistryError
 from core.registry_models import (
     CoverRow,
     DeviceBindingRow,
@@ -184,7 +185,7 @@ class RegistryCache:
             async with transaction(self._sessions, write=False) as session:
                 version = await session.scalar(select(RegistryVersionRow.version))
                 if version is None:
-                    raise LookupError("the registry version row is missing: run `db upgrade`")
+                    raise RegistryError("no registry version row: run `smartcover db upgrade`")
                 if version == self._snapshot.version:
                     return False
                 # Read committed: a change committed while we load is partly seen, but it
@@ -205,7 +206,7 @@ class RegistryCache:
         while not stop.is_set():
             try:
                 await self.refresh()
-            except (SQLAlchemyError, OSError) as exc:
+            except (SQLAlchemyError, OSError, RegistryError) as exc:
                 logger.warning(
                     "registry cache refresh failed (keeping version %d): %s", self.version, exc
                 )
