@@ -325,6 +325,8 @@ def report(runs: list[ImportRun], json_path: Path | None) -> bool:
             f"   rejected-file check {run.rejected_s:5.1f} s   cache RSS {run.cache_rss_mb:4.0f} MB"
             f" (peak {run.cache_peak_rss_mb:.0f})   {'ok' if fine else 'MISSED'}"
         )
+    # This process generated the file and ran every import: an upper bound for one import.
+    print(f"  importing process peak RSS {_peak_rss_mb():.0f} MB")
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps([asdict(run) for run in runs], indent=2))
