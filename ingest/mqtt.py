@@ -202,8 +202,14 @@ def _server_keepalive(data: bytes, start: int) -> int | None:
 class MqttConnection(asyncio.Protocol):
     """The protocol side of one connection; `connect()` is how it is opened."""
 
-    def __init__(self, on_message: Callable[[Message], None], protocol: int = 5) -> None:
+    def __init__(
+        self,
+        on_message: Callable[[Message], None],
+        protocol: int = 5,
+        on_connack: Callable[[MqttConnection], None] | None = None,
+    ) -> None:
         self._on_message = on_message
+        self._on_connack = on_connack
         self._v5 = protocol == 5
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
@@ -322,13 +328,21 @@ class MqttConnection(asyncio.Protocol):
                     reason_code=reason,
                 )
             )
-        elif not self._connack.done():
-            self._connack.set_result((session_present, reason))
+        else:
+            self._accepted(session_present, reason)
+
+    def _accepted(self, session_present: bool, code: int) -> None:
+        if self._connack.done():
+            return
+        self.session_present = session_present
+        self._connack.set_result((session_present, code))
+        if self._on_connack is not None:
+            # Synchronously, before the messages that may follow in the same read.
+            self._on_connack(self)
 
     def _handle_connack_v4(self, session_present: bool, code: int) -> None:
         if code == 0:
-            if not self._connack.done():
-                self._connack.set_result((session_present, code))
+            self._accepted(session_present, code)
             return
         names = {
             1: "unacceptable protocol version",
@@ -504,6 +518,7 @@ async def connect(
     on_message: Callable[[Message], None],
     *,
     ssl_context: ssl.SSLContext | None = None,
+    on_connack: Callable[[MqttConnection], None] | None = None,
 ) -> AsyncIterator[MqttConnection]:
     """Opens one connection; leaving the block disconnects cleanly (the session stays)."""
     loop = asyncio.get_running_loop()
@@ -512,7 +527,7 @@ async def connect(
     try:
         async with asyncio.timeout(options.connect_timeout_s):
             _, connection = await loop.create_connection(
-                lambda: MqttConnection(on_message, options.protocol),
+                lambda: MqttConnection(on_message, options.protocol, on_connack),
                 endpoint.host,
                 endpoint.port,
                 ssl=ssl_context if endpoint.tls else None,

@@ -193,10 +193,16 @@ class IngestService:
             protocol=self._options.protocol,
         )
         while not stop.is_set():
+            # A new batch for the new connection before it exists: a resumed session's
+            # messages may arrive in the same read as the CONNACK.
+            self._connection_id += 1
+            self._batch = Batch(connection_id=self._connection_id)
             try:
-                async with mqtt.connect(self._endpoint, options, self._on_message) as connection:
-                    await self._serve_connection(connection, stop)
+                async with mqtt.connect(
+                    self._endpoint, options, self._on_message, on_connack=self._connected
+                ) as connection:
                     attempt = 0
+                    await self._serve_connection(connection, stop)
                     if stop.is_set():
                         await self._drain(connection)
                         return
@@ -209,11 +215,12 @@ class IngestService:
                     await asyncio.wait_for(stop.wait(), delay)
         await self._drain(None)
 
-    async def _serve_connection(self, connection: mqtt.MqttConnection, stop: asyncio.Event) -> None:
-        self._connection_id += 1
+    def _connected(self, connection: mqtt.MqttConnection) -> None:
+        """Called on the CONNACK, before any message that follows it is handed over."""
         self._connection = connection
-        self._batch = Batch(connection_id=self._connection_id)
         self._metrics.broker_connected.set(1)
+
+    async def _serve_connection(self, connection: mqtt.MqttConnection, stop: asyncio.Event) -> None:
         await connection.subscribe(self._options.topic_filters())
         logger.info(
             "MQTT connected to %s:%d as %s (session present: %s)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -24,8 +25,15 @@ from core.registry_schemas import UnitUpdate
 from core.settings import MqttEndpoint
 from ingest import mqtt
 from smartcover.runtime import Service, build_service, run_service
-from smartcover.seed import plan_pilot, seed_pilot
-from tests.harness import service_env, settings_of, wait_until
+from smartcover.seed import LOW_LYING_ROAD, SeededCover, plan_pilot, seed_pilot
+from tests.harness import (
+    ServiceProcess,
+    SteadyPublisher,
+    kill_hard,
+    service_env,
+    settings_of,
+    wait_until,
+)
 from tests.servers import InfluxServer, MosquittoServer
 
 pytestmark = pytest.mark.asyncio
@@ -184,3 +192,76 @@ async def test_a_passing_lorry_causes_no_case(
     assert await cases(service) == []
     [point] = [p for p in influx_server.points(influx_db) if p["seq"] == 1]
     assert point["cover_id"] == plan_pilot(12)[1].cover_id  # tagged from the registry
+
+
+def storm(covers: list[SeededCover], start_ms: int) -> list[tuple[str, bytes]]:
+    """Water rising one centimetre a reading in every well until it overflows."""
+    messages = []
+    for step_no in range(40):
+        for cover in covers:
+            level = cover.depth_cm - 60 + step_no * 2  # crosses depth − 30 at step 15
+            body = {
+                "device_id": cover.device_id,
+                "seq": step_no,
+                "ts": start_ms + step_no * 1000,
+                "tilt_deg": 0.4,
+                "displacement_mm": 0.0,
+                "water_level_cm": level,
+            }
+            messages.append((f"covers/{cover.device_id}/telemetry", json.dumps(body).encode()))
+    return messages
+
+
+@pytest.mark.slow
+async def test_kill_9_during_a_storm_loses_and_doubles_nothing(
+    mosquitto: MosquittoServer,
+    influx_server: InfluxServer,
+    influx_db: str,
+    tmp_path: Path,
+) -> None:
+    database_url = f"sqlite:///{tmp_path / 'smartcover.db'}"
+    engine = create_engine(database_url)
+    await upgrade(engine)
+    sessions = session_factory(engine)
+    flooded = [c for c in plan_pilot(24) if c.road == LOW_LYING_ROAD]
+    await seed_pilot(sessions, plan_pilot(24))
+    env = service_env(
+        mosquitto, influx_server, influx_db, tmp_path, SMARTCOVER_DATABASE_URL=database_url
+    )
+    service = ServiceProcess(env, tmp_path / "service.log")
+    messages = storm(flooded, time.time_ns() // 1_000_000 - 120_000)
+    service.start()
+    try:
+        await wait_until(lambda: "MQTT connected" in service.log(), timeout_s=20)
+        publisher = SteadyPublisher(mosquitto.url, "storm")
+        publishing = asyncio.create_task(publisher.publish_all(messages, rate_per_s=100))
+        await wait_until(lambda: publisher.sent >= len(messages) // 2, timeout_s=30)
+        kill_hard(service)  # mid-storm: some wells overflowed, some not yet
+        service.start()
+        await publishing
+        try:
+            await wait_until(
+                lambda: influx_server.count(influx_db) >= len(messages),
+                timeout_s=60,
+                what="every reading stored",
+            )
+        except AssertionError:
+            stored = {(p["device_id"], p["seq"]) for p in influx_server.points(influx_db)}
+            sent = {
+                (json.loads(body)["device_id"], json.loads(body)["seq"]) for _, body in messages
+            }
+            raise AssertionError(f"never stored: {sorted(sent - stored)}") from None
+        await asyncio.sleep(1.0)  # the last batch's commit
+    finally:
+        service.signal(signal.SIGTERM)
+        service.wait(20)
+        service.close()
+    async with transaction(sessions, write=False) as session:
+        alerts = list(await session.scalars(select(AlertRow)))
+        cases = list(await session.scalars(select(CaseRow)))
+    await engine.dispose()
+    assert sorted(a.cover_id for a in alerts) == sorted(c.cover_id for c in flooded)
+    assert {a.kind for a in alerts} == {"water_high"}
+    assert sorted(c.cover_id for c in cases) == sorted(c.cover_id for c in flooded)
+    assert len({c.incident_id for c in cases}) == 1  # one flood on one road
+    assert cases[0].incident_id is not None
