@@ -15,12 +15,22 @@ from rich.table import Table
 from core import logs
 from core.settings import Settings
 from ingest.bootstrap import ConfigurationError, deadletter_log
+from smartcover.devices_cli import app as devices_app
+from smartcover.keys_cli import app as keys_app
+from smartcover.registry_cli import covers_app, db_app, units_app
+from smartcover.sim_cli import sim
 
 app = typer.Typer(
     help="smartcover: sensor-equipped manhole covers, from MQTT to dispatch.",
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(covers_app, name="covers", help="The cover census: import and list.")
+app.add_typer(units_app, name="units", help="Owner and maintainer units.")
+app.add_typer(db_app, name="db", help="The relational store: migrations.")
+app.add_typer(devices_app, name="devices", help="Sensor credentials and the broker's files.")
+app.add_typer(keys_app, name="keys", help="API keys and their roles.")
+app.command()(sim)
 console = Console()
 
 
@@ -67,33 +77,6 @@ def deadletters(
         when = datetime.fromtimestamp(letter.at_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
         table.add_row(when, letter.topic, letter.reason, letter.detail[:80], letter.payload[:60])
     console.print(table if letters else "No dead letters.")
-
-
-@app.command()
-def sim(
-    load: Annotated[int, typer.Option(help="Publish this many readings as fast as possible.")],
-    devices: Annotated[int, typer.Option(help="Spread over this many devices.")] = 1000,
-    procs: Annotated[int, typer.Option(help="Publisher processes.")] = 2,
-    seed: Annotated[int, typer.Option(help="Seed for reproducible values.")] = 1,
-) -> None:
-    """The device simulator (load mode for now): readings per the wire contract, QoS 1."""
-    from device_sim.load import LoadPlan, run_load  # noqa: PLC0415 -- keeps `--help` fast
-
-    settings = _settings()
-    plan = LoadPlan(
-        url=settings.mqtt_url.get_secret_value(),
-        readings=load,
-        devices=devices,
-        processes=procs,
-        seed=seed,
-    )
-    result = run_load(plan)
-    console.print(
-        f"published {result.published}, acknowledged by the broker "
-        f"{result.acknowledged} in {result.seconds:.1f} s ({result.rate:,.0f}/s)"
-    )
-    if result.acknowledged != result.published:
-        raise typer.Exit(1)
 
 
 def main() -> None:
