@@ -31,9 +31,9 @@ check: install
 bench: install servers
 	$(BIN)/python -m bench.ingest
 
-# Until the embedded demo lands: the service against a local Mosquitto and InfluxDB.
+# Everything embedded: broker, stores, a seeded pilot and its storyline. Nothing to install.
 demo: install
-	SMARTCOVER_INFLUX_URL=$${SMARTCOVER_INFLUX_URL:-http://127.0.0.1:8086} $(BIN)/smartcover serve
+	$(BIN)/smartcover demo
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -64,6 +66,24 @@ def serve() -> None:
 def ingest() -> None:
     """The MQTT consumer alone (with /healthz, /readyz and /metrics), to scale out."""
     _run_server(with_api=True)
+
+
+@app.command()
+def demo(
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where the demo keeps its data (wiped at start).")
+    ] = Path(".smartcover-demo"),
+    port: Annotated[int, typer.Option(help="Port of the API and dashboard.")] = 8000,
+    pace: Annotated[
+        float, typer.Option(help="Storyline time factor (0.1: ten times faster).")
+    ] = 1.0,
+) -> None:
+    """Everything on embedded defaults, nothing to install: broker, stores, covers, story."""
+    from smartcover import demo as demo_module  # noqa: PLC0415 -- keeps `--help` fast
+
+    logs.configure("WARNING")
+    shutil.rmtree(directory, ignore_errors=True)
+    demo_module.main(directory, port, pace)
 
 
 @app.command()

@@ -34,7 +34,7 @@ def api_server(service: Service) -> ApiServer:
     return ApiServer(config)
 
 
-async def _serve_api(server: ApiServer, stop: asyncio.Event) -> None:
+async def serve_api(server: ApiServer, stop: asyncio.Event) -> None:
     task = asyncio.ensure_future(server.serve())
     try:
         await stop.wait()
@@ -53,6 +53,6 @@ async def serve(
     service = await build_service(settings)
     extra = []
     if with_api:
-        extra.append(_serve_api(api_server(service), stop))
+        extra.append(serve_api(api_server(service), stop))
         logger.info("API on http://%s:%d", settings.api_host, settings.api_port)
     await run_service(service, stop, extra)
