@@ -197,7 +197,6 @@ async def check(
         before = await probe.counters()
     except ProbeError as exc:
         return CheckReport(all_failed(expect, covers, str(exc)), None)
-    started_ms = time.time_ns() // 1_000_000
     try:
         result = await run()
     except SimError as exc:
@@ -205,8 +204,10 @@ async def check(
     try:
         after, lag = await _settle(probe, before, result.acknowledged, settle_timeout_s)
         cover_ids = [cover.cover_id for cover in covers]
-        alerts = await probe.alerts(cover_ids=cover_ids, since_ms=started_ms)
-        cases = await probe.cases(cover_ids=cover_ids, since_ms=started_ms)
+        # On the devices' clocks the run started this long ago (time compression).
+        since_ms = result.plan.timebase.sim_start_ms
+        alerts = await probe.alerts(cover_ids=cover_ids, since_ms=since_ms)
+        cases = await probe.cases(cover_ids=cover_ids, since_ms=since_ms)
     except ProbeError as exc:
         return CheckReport(all_failed(expect, covers, str(exc)), result)
     verdicts = _delivery(result, lag)

@@ -140,8 +140,9 @@ class DeviceSession:
         else:
             self._disconnect_with_will()
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        info = self._client.publish(topic, payload, qos=1, retain=retain)
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publishes telemetry at QoS 1; counted as acknowledged when the PUBACK comes."""
+        info = self._client.publish(topic, payload, qos=1)
         # Not connected: paho keeps the message and sends it after the next CONNACK.
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise BrokerError(f"{self.device_id}: cannot publish: {paho.error_string(info.rc)}")
@@ -207,7 +208,7 @@ class DeviceSession:
         if reason.is_failure:
             self._refused = True
             self._stats.last_error = f"broker refused {self.device_id}: {reason}"
-            logger.warning("%s: broker refused the connection: %s", self.device_id, reason)
+            logger.debug("%s: broker refused the connection: %s", self.device_id, reason)
             return  # paho closes the socket; _on_disconnect schedules the retry
         self.connected = True
         self._refused = False
@@ -220,7 +221,7 @@ class DeviceSession:
     ) -> None:
         self.connected = False
         if self._wanted_online:
-            logger.info("%s: connection lost (%s)", self.device_id, reason)
+            logger.debug("%s: connection lost (%s)", self.device_id, reason)
             # Refused credentials are not fixed in a second: wait long.
             self._schedule_retry(_RECONNECT_MAX_S if self._refused else None)
 
@@ -281,11 +282,6 @@ class DeviceFleet:
                 f"only {self.online} of {len(self.sessions)} devices connected within "
                 f"{timeout_s:g} s; last error: {self.stats.last_error or 'none'}"
             )
-
-    async def drain(self, timeout_s: float) -> int:
-        """Waits for the broker's PUBACKs; returns how many are still missing."""
-        await poll(lambda: not self.pending, timeout_s)
-        return self.pending
 
     async def _service_timers(self) -> None:
         while True:

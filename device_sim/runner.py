@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -61,11 +60,15 @@ class RunResult:
 
 
 class _Player:
-    def __init__(self, plan: Plan, fleet: DeviceFleet, planned: int | None) -> None:
+    def __init__(
+        self, plan: Plan, fleet: DeviceFleet, planned: int | None, on_progress: ProgressCallback
+    ) -> None:
         self.plan = plan
         self.fleet = fleet
         self.planned = planned
+        self.on_progress = on_progress
         self.started = time.monotonic()
+        self.reported = 0.0
         self.sim_ms = plan.timebase.sim_start_ms
 
     def progress(self) -> Progress:
@@ -80,18 +83,31 @@ class _Player:
             sim_ms=self.sim_ms,
         )
 
+    def report(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.reported >= PROGRESS_INTERVAL_S:
+            self.reported = now
+            self.on_progress(self.progress())
+
+    async def sleep_until(self, due: float) -> None:
+        """Sleeps until the loop's clock reads `due`, reporting progress meanwhile."""
+        loop = asyncio.get_running_loop()
+        while (delay := due - loop.time()) > 0:
+            await asyncio.sleep(min(delay, PROGRESS_INTERVAL_S))
+            self.report()
+
     async def play(self, clock_ms: Callable[[], int]) -> None:
         loop = asyncio.get_running_loop()
         timebase = self.plan.timebase
         # The loop's clock at the plan's real start (which may lie a moment behind us).
         origin = loop.time() - (clock_ms() - timebase.real_start_ms) / 1000
         for handled, action in enumerate(self.plan.actions()):
-            delay = origin + (timebase.real_ms(action.at_ms) - timebase.real_start_ms) / 1000
-            delay -= loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            due = origin + (timebase.real_ms(action.at_ms) - timebase.real_start_ms) / 1000
+            if due > loop.time():
+                await self.sleep_until(due)
             elif handled % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # lets the loop write to the sockets
+                self.report()
             self.sim_ms = action.at_ms
             session = self.fleet.sessions[action.device]
             if isinstance(action, LinkChange):
@@ -100,14 +116,20 @@ class _Player:
                 else:
                     session.go_offline()
             else:
-                session.publish(action.topic, action.payload, retain=action.retain)
+                session.publish(action.topic, action.payload)
         self.sim_ms = self.plan.end_ms
 
-    async def report(self, on_progress: ProgressCallback, done: asyncio.Event) -> None:
-        while not done.is_set():
-            on_progress(self.progress())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), PROGRESS_INTERVAL_S)
+    async def drain(self, timeout_s: float) -> int:
+        """Waits for the broker's PUBACKs; returns how many are still missing."""
+        deadline = time.monotonic() + timeout_s
+        while self.fleet.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            self.report()
+        return self.fleet.pending
+
+
+def _ignore(progress: Progress) -> None:
+    pass
 
 
 async def play(
@@ -120,21 +142,13 @@ async def play(
     clock_ms: Callable[[], int] = wall_clock_ms,
 ) -> RunResult:
     """Sends the plan's actions when they are due, then waits for the broker's PUBACKs."""
-    player = _Player(plan, fleet, planned)
-    done = asyncio.Event()
-    async with asyncio.TaskGroup() as group:
-        if on_progress is not None:
-            group.create_task(player.report(on_progress, done), name="sim-progress")
-        try:
-            await player.play(clock_ms)
-            unacknowledged = await fleet.drain(drain_timeout_s)
-        finally:
-            done.set()
-    if on_progress is not None:
-        on_progress(player.progress())
-    stats = fleet.stats
+    player = _Player(plan, fleet, planned, on_progress or _ignore)
+    await player.play(clock_ms)
+    unacknowledged = await player.drain(drain_timeout_s)
+    player.report(force=True)
     if unacknowledged:
         logger.warning("%d messages not acknowledged by the broker", unacknowledged)
+    stats = fleet.stats
     return RunResult(
         plan=plan,
         published=stats.published,

@@ -94,7 +94,6 @@ class Publication:
     topic: str
     payload: bytes
     intent: str  # what it is meant to be: reading, batch, duplicate, malformed:<reason>
-    retain: bool = False
 
     @property
     def is_telemetry(self) -> bool:

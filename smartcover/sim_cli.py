@@ -32,6 +32,7 @@ DEFAULT_SERVICE = "http://127.0.0.1:8000"
 # A fleet run without a scenario and without compression lasts as long as simulated time
 # may (6 days), which is to say until Ctrl-C.
 _FREE_RUN_COMPRESSED_S = 3600.0
+_FREE_RUN_COVERS = 10
 _STATUS_STYLE = {"pass": "green", "fail": "bold red", "not checkable yet": "yellow"}
 
 
@@ -126,10 +127,12 @@ def sim(  # noqa: PLR0917 -- a command's options arrive as parameters
         return
     if check and not scenario:
         raise _fail("--check needs a --scenario")
+    if scenario is not None and (duration is not None or interval is not None):
+        raise _fail("--duration and --interval are the scenario's own; not with --scenario")
     try:
-        chosen = _scenario(scenario, speed=speed, duration=duration, interval=interval)
+        declared = _load(scenario, speed)
         fleet_covers = _fleet(
-            chosen,
+            declared,
             fleet,
             covers,
             seed=seed,
@@ -137,21 +140,18 @@ def sim(  # noqa: PLR0917 -- a command's options arrive as parameters
             admin_code=admin_code,
             prefix=device_prefix,
         )
-        if scenario is None:
-            chosen = chosen.model_copy(update={"fleet_size": len(fleet_covers)})
+        chosen = declared or _free_run(len(fleet_covers), speed, duration, interval)
         device_credentials = _credentials(credentials, password_template, fleet_covers)
         if dry_run:
             _dry_run(chosen, fleet_covers, seed)
             return
-        endpoint = _device_endpoint(url)
-        planned = _announce(chosen, fleet_covers, seed)
         runner = _Runner(
             chosen,
             fleet_covers,
             seed,
-            endpoint,
+            _device_endpoint(url),
             device_credentials,
-            planned=planned,
+            planned=_announce(chosen, fleet_covers, seed),
             protocol=settings.mqtt_protocol,
         )
         if check:
@@ -186,21 +186,24 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:g} min"
 
 
-def _scenario(
-    name: str | None, *, speed: float | None, duration: float | None, interval: int | None
-) -> Scenario:
-    from device_sim.scenario import MAX_DURATION_S, Scenario, load_scenario  # noqa: PLC0415
+def _load(name: str | None, speed: float | None) -> Scenario | None:
+    from device_sim.scenario import load_scenario  # noqa: PLC0415
 
-    if name is not None:
-        if duration is not None or interval is not None:
-            raise _fail("--duration and --interval are the scenario's own; not with --scenario")
-        return load_scenario(name).with_speed(speed)
+    return None if name is None else load_scenario(name).with_speed(speed)
+
+
+def _free_run(
+    fleet_size: int, speed: float | None, duration: float | None, interval: int | None
+) -> Scenario:
+    """No scenario: the fleet reports normally for `duration` (or until Ctrl-C)."""
+    from device_sim.scenario import MAX_DURATION_S, Scenario  # noqa: PLC0415
+
     compressed = speed is not None and speed > 1
     try:
         return Scenario(
             name="fleet",
             description="The fleet reporting normally.",
-            fleet_size=1,  # replaced by the fleet's size
+            fleet_size=max(fleet_size, 1),
             duration_s=duration or (_FREE_RUN_COMPRESSED_S if compressed else MAX_DURATION_S),
             speed=speed or 1.0,
             report_interval_s=interval,
@@ -210,7 +213,7 @@ def _scenario(
 
 
 def _fleet(
-    scenario: Scenario,
+    scenario: Scenario | None,
     census: Path | None,
     count: int | None,
     *,
@@ -219,9 +222,11 @@ def _fleet(
     admin_code: str,
     prefix: str,
 ) -> list[SimCover]:
+    """The scenario's covers (the first `fleet_size`), or the whole fleet without one."""
     from device_sim.errors import FleetError  # noqa: PLC0415
     from device_sim.fleet import CsvFleet, FleetSource, GeneratedFleet  # noqa: PLC0415
 
+    wanted = count or (scenario.fleet_size if scenario else _FREE_RUN_COVERS)
     source: FleetSource
     if census is not None:
         source = CsvFleet(census)
@@ -230,12 +235,11 @@ def _fleet(
             lon, lat = (float(part) for part in centre.split(","))
         except ValueError:
             raise FleetError(f"--centre must be LON,LAT, not {centre!r}") from None
-        wanted = count or (scenario.fleet_size if scenario.name != "fleet" else 10)
         source = GeneratedFleet(
             wanted, seed=seed, admin_code=admin_code, centre=(lon, lat), device_prefix=prefix
         )
     found = source.covers()
-    if scenario.name == "fleet":
+    if scenario is None:
         return found[:count] if count else found
     if len(found) < scenario.fleet_size:
         raise FleetError(
@@ -310,10 +314,10 @@ def _announce(scenario: Scenario, fleet_covers: list[SimCover], seed: int) -> in
     from device_sim.outcome import differences, predict  # noqa: PLC0415
 
     real_s = scenario.duration_s / scenario.speed
+    lasting = f"= {real_s:,.0f} s" if real_s < 86400 else "(until Ctrl-C)"
     console.print(
         f"[bold]{scenario.name}[/bold]: {len(fleet_covers)} devices, "
-        f"{_duration(scenario.duration_s)} simulated at {scenario.speed:g}x "
-        f"= {real_s:,.0f} s, seed {seed}"
+        f"{_duration(scenario.duration_s)} simulated at {scenario.speed:g}x {lasting}, seed {seed}"
     )
     if scenario.expect is None:
         return None

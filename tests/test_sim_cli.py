@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from typer.testing import CliRunner
 
 from core.contract import Reason
+from core.settings import MqttEndpoint
 from device_sim.check import (
     Counters,
     HttpServiceProbe,
@@ -27,8 +28,8 @@ from device_sim.check import (
     parse_metrics,
 )
 from device_sim.errors import BrokerError, ProbeError
-from device_sim.fleet import GeneratedFleet
-from device_sim.runner import RunResult
+from device_sim.fleet import GeneratedFleet, NoCredentials
+from device_sim.runner import RunResult, run_scenario
 from device_sim.scenario import DEVICE_REASONS, SCENARIO_DIR, load_scenario, shipped_scenarios
 from device_sim.timeline import Plan, Timebase
 from ingest.metrics import IngestMetrics
@@ -235,12 +236,9 @@ def test_check_fails_when_the_scenario_expects_the_wrong_thing(
 async def test_check_judges_each_expectation_against_the_running_service(
     service: Service,
 ) -> None:
-    scenario = load_scenario("clock_skew").with_speed(float(FAST))
+    scenario = load_scenario("clock_skew").with_speed(1200)
     assert scenario.expect is not None
     covers = GeneratedFleet(scenario.fleet_size, device_prefix="chk-skew").covers()
-    from core.settings import MqttEndpoint  # noqa: PLC0415
-    from device_sim.fleet import NoCredentials  # noqa: PLC0415
-    from device_sim.runner import run_scenario  # noqa: PLC0415 -- beside its only use
 
     async def run() -> RunResult:
         return await run_scenario(
