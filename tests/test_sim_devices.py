@@ -88,13 +88,14 @@ async def run(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", [5, 4])
 async def test_devices_publish_exactly_the_planned_bytes_with_status_and_will(
-    mosquitto: MosquittoServer,
+    mosquitto: MosquittoServer, protocol: int
 ) -> None:
     scenario = Scenario.model_validate(EVENTFUL)
     covers = GeneratedFleet(4, device_prefix="ev").covers()
     async with watching(mosquitto, "watcher") as watcher:
-        result = await run(mosquitto, scenario, covers)
+        result = await run(mosquitto, scenario, covers, protocol=protocol)
         await asyncio.sleep(0.3)
     assert result.unacknowledged == 0
     assert result.acknowledged == result.published
