@@ -220,7 +220,6 @@ class _Mark:
     t_s: float
     rank: int
     spike: SpikeEvent | None = field(default=None, compare=False)
-    buffer: BufferEvent | None = field(default=None, compare=False)
     malformed: MalformedEvent | None = field(default=None, compare=False)
 
 
@@ -238,8 +237,9 @@ class _DeviceTimeline:
         self.topic = telemetry_topic(self.cover.device_id)
         self.seq = self.base.first_seq
         self.buffered: list[dict[str, object]] = []
-        self.later: list[tuple[int, int, Publication]] = []  # duplicates not yet due
-        self.count = 0
+        # Duplicates not yet due, as (at_ms, order pushed, publication): the order breaks ties.
+        self.later: list[tuple[int, int, Publication]] = []
+        self.pushed = 0
 
     # -- when things happen ----------------------------------------------------------
 
@@ -265,7 +265,7 @@ class _DeviceTimeline:
                 if event.until_s is not None:
                     marks.append(_Mark(event.until_s, _ONLINE))
                 if isinstance(event, BufferEvent):
-                    marks.append(_Mark(event.until_s, _FLUSH, buffer=event))
+                    marks.append(_Mark(event.until_s, _FLUSH))
             elif isinstance(event, MalformedEvent):
                 marks.append(_Mark(event.at_s, _MALFORMED, malformed=event))
         duration = self.plan.scenario.duration_s
@@ -305,7 +305,7 @@ class _DeviceTimeline:
         yield Publication(at_ms, self.index, self.topic, payload, "reading")
         for event in self._active(DuplicateEvent, mark.t_s):
             for copy in range(1, event.copies + 1):
-                self.count += 1
+                self.pushed += 1
                 redelivery = Publication(
                     at_ms + round(copy * event.delay_s * 1000),
                     self.index,
@@ -313,7 +313,7 @@ class _DeviceTimeline:
                     payload,
                     "duplicate",
                 )
-                heapq.heappush(self.later, (redelivery.at_ms, self.count, redelivery))
+                heapq.heappush(self.later, (redelivery.at_ms, self.pushed, redelivery))
 
     def _measure(self, mark: _Mark, at_ms: int) -> dict[str, object]:
         seq = self.seq
