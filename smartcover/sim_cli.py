@@ -107,10 +107,13 @@ def sim(  # noqa: PLR0917 -- a command's options arrive as parameters
 ) -> None:
     """The device simulator: covers publishing per the wire contract, with faults on cue.
 
-    Without --scenario the fleet reports normally. Simulated time starts in the past and
-    catches up with the clock when the run ends, so with --speed the readings' timestamps
-    stay valid. Device credentials come from --credentials or --password-template; only
-    the broker's address is taken from SMARTCOVER_MQTT_URL.
+    Without --scenario the fleet reports normally (--list shows the scenarios).
+
+    Simulated time starts in the past and catches up with the clock at the end,
+    so with --speed every timestamp stays valid.
+
+    Only the broker's address is taken from SMARTCOVER_MQTT_URL; devices log in
+    as themselves with --credentials or --password-template.
     """
     from device_sim.errors import SimError  # noqa: PLC0415 -- keeps `--help` fast
 
