@@ -1,13 +1,28 @@
-"""The FastAPI application: health, readiness and Prometheus metrics."""
+"""The FastAPI application: operations endpoints, and the API of DESIGN §7 under /api/v1."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import SecretStr
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from alerting.cases import CasePolicy
+from api.deps import ApiContext
+from api.errors import install_error_handlers
+from api.readings import ReadingQuery
+from api.routes import cases as case_routes
+from api.routes import ledgers as ledger_routes
+from api.routes import readings as reading_routes
+from api.routes import registry as registry_routes
+from api.routes import stats as stats_routes
+from api.routes import stream as stream_routes
+from api.stream import OutboxSignal, StreamConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,9 +36,60 @@ class Readiness:
         return not any(self.problems.values())
 
 
-def create_app(*, registry: CollectorRegistry, readiness: Callable[[], Readiness]) -> FastAPI:
-    app = FastAPI(title="smartcover", version="0.1.0")
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
 
+
+def create_app(
+    *,
+    registry: CollectorRegistry,
+    readiness: Callable[[], Readiness],
+    sessions: async_sessionmaker[AsyncSession] | None = None,
+    readings: ReadingQuery | None = None,
+    admin_key: SecretStr | str = "",
+    case_policy: CasePolicy | None = None,
+    outbox_signal: OutboxSignal | None = None,
+    stream_config: StreamConfig | None = None,
+    clock_ms: Callable[[], int] = wall_clock_ms,
+) -> FastAPI:
+    """The app. Without `sessions` only /healthz, /readyz and /metrics are served (an
+    ingest-only process); with them, the whole API. `readings` None: the readings
+    endpoint answers 503. `outbox_signal`: call its `notify()` after writing the outbox
+    to wake the live streams at once, and `close()` at shutdown to end them."""
+    app = FastAPI(
+        title="smartcover",
+        version="0.1.0",
+        description="Sensor-equipped manhole covers: registry, readings, alerts, dispatch"
+        " cases, ledgers and progress. Authenticate with `Authorization: Bearer <key>`.",
+    )
+    install_error_handlers(app)
+    _operations(app, registry, readiness)
+    if sessions is not None:
+        key = admin_key.get_secret_value() if isinstance(admin_key, SecretStr) else admin_key
+        app.state.context = ApiContext(
+            sessions=sessions,
+            readings=readings,
+            admin_key=key,
+            case_policy=case_policy or CasePolicy(),
+            signal=outbox_signal or OutboxSignal(),
+            stream=stream_config or StreamConfig(),
+            clock_ms=clock_ms,
+        )
+        for module in (
+            registry_routes,
+            reading_routes,
+            case_routes,
+            ledger_routes,
+            stats_routes,
+            stream_routes,
+        ):
+            app.include_router(module.router)
+    return app
+
+
+def _operations(
+    app: FastAPI, registry: CollectorRegistry, readiness: Callable[[], Readiness]
+) -> None:
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:
         """The process is up."""
@@ -43,5 +109,3 @@ def create_app(*, registry: CollectorRegistry, readiness: Callable[[], Readiness
     async def metrics() -> Response:
         """Prometheus text exposition."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app

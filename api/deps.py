@@ -1,0 +1,90 @@
+"""What path operations depend on: the app's context, a read session, the caller's key."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Annotated, cast
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from alerting.cases import CasePolicy
+from api.errors import Forbidden, Unauthenticated
+from api.keys import ApiKey, authenticate
+from api.models import Role
+from api.readings import ReadingQuery
+from api.stream import OutboxSignal, StreamConfig
+from core.db import transaction
+
+
+@dataclass(frozen=True, slots=True)
+class ApiContext:
+    """Everything the routes share, built once by `create_app` and kept on `app.state`."""
+
+    sessions: async_sessionmaker[AsyncSession]
+    readings: ReadingQuery | None
+    admin_key: str
+    case_policy: CasePolicy
+    signal: OutboxSignal
+    stream: StreamConfig
+    clock_ms: Callable[[], int]
+
+
+def get_context(request: Request) -> ApiContext:
+    return cast(ApiContext, request.app.state.context)
+
+
+ContextDep = Annotated[ApiContext, Depends(get_context)]
+
+
+async def read_session(context: ContextDep) -> AsyncIterator[AsyncSession]:
+    """A read-only transaction for one request, closed before the answer is sent."""
+    async with transaction(context.sessions, write=False) as session:
+        yield session
+
+
+# scope="function": the session ends with the path operation, not after the response.
+SessionDep = Annotated[AsyncSession, Depends(read_session, scope="function")]
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key from `smartcover keys create`: `Authorization: Bearer <key>`",
+)
+
+
+async def current_key(
+    context: ContextDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> ApiKey:
+    if credentials is None:
+        raise Unauthenticated("an API key is needed: Authorization: Bearer <key>")
+    async with transaction(context.sessions, write=False) as session:
+        key = await authenticate(
+            session=session, key=credentials.credentials, admin_key=context.admin_key
+        )
+    if key is None:
+        raise Unauthenticated("unknown or revoked API key")
+    return key
+
+
+CurrentKey = Annotated[ApiKey, Depends(current_key)]
+
+
+def require(role: Role) -> Callable[[ApiKey], ApiKey]:
+    """A dependency admitting keys of `role` or a higher one."""
+
+    def check(key: CurrentKey) -> ApiKey:
+        if not key.at_least(role):
+            raise Forbidden(f"this needs a {role.value} key or higher, not a {key.role.value} key")
+        return key
+
+    return check
+
+
+ViewerKey = Annotated[ApiKey, Depends(require(Role.VIEWER))]
+CrewKey = Annotated[ApiKey, Depends(require(Role.CREW))]
+DispatcherKey = Annotated[ApiKey, Depends(require(Role.DISPATCHER))]
+AdminKey = Annotated[ApiKey, Depends(require(Role.ADMIN))]

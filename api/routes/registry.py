@@ -1,0 +1,226 @@
+"""Units, covers and devices: list, get, create, update; and the census import."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request, status
+
+from api.deps import AdminKey, ContextDep, DispatcherKey, SessionDep, ViewerKey
+from api.errors import ERRORS, WRITE_ERRORS, Forbidden, TooLarge, Unprocessable, error_doc
+from api.models import Role
+from api.schemas import DEFAULT_LIMIT, CensusReportOut, Limit, Offset, Page, page_of
+from core import registry
+from core.census import import_census, read_census
+from core.db import transaction
+from core.registry_schemas import (
+    Cover,
+    CoverCreate,
+    CoverUpdate,
+    Device,
+    DeviceCreate,
+    DeviceUpdate,
+    Unit,
+    UnitKind,
+    UnitUpdate,
+    changes,
+)
+
+router = APIRouter(prefix="/api/v1", tags=["registry"], responses=ERRORS)
+
+# Path parameters carry their patterns so that nothing odd reaches the database (a NUL
+# byte, which PostgreSQL refuses with an error) and the schema says what is accepted.
+UNIT_CODE = r"^[A-Za-z0-9_.-]{1,64}$"
+COVER_ID = r"^[0-9]{16}$"
+DEVICE_ID = r"^[A-Za-z0-9_.-]{1,64}$"
+UnitCodePath = Annotated[str, Path(pattern=UNIT_CODE)]
+CoverIdPath = Annotated[str, Path(pattern=COVER_ID, description="16-digit standard number")]
+DeviceIdPath = Annotated[str, Path(pattern=DEVICE_ID)]
+# Cover fields that decide where cases go and when alerts fire: an admin's to change.
+# Dispatchers may correct the rest (state, depth, material, position…) from the field.
+ADMIN_COVER_FIELDS = frozenset({"owner_unit", "maintainer_unit", "thresholds"})
+# A census of the whole district is a few MB; refuse bodies far beyond it.
+MAX_CENSUS_BYTES = 32 * 1024 * 1024
+_XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+
+
+# -- units ------------------------------------------------------------------------------
+
+
+@router.get("/units")
+async def list_units(
+    *,
+    _key: ViewerKey,
+    session: SessionDep,
+    kind: UnitKind | None = None,
+    limit: Limit = DEFAULT_LIMIT,
+    offset: Offset = 0,
+) -> Page[Unit]:
+    """Units in code order (owners and maintainers of covers)."""
+    units = await registry.list_units(session=session, kind=kind)
+    return page_of(units[offset : offset + limit + 1], limit=limit, offset=offset)
+
+
+@router.get("/units/{code}")
+async def get_unit(*, code: UnitCodePath, _key: ViewerKey, session: SessionDep) -> Unit:
+    return await registry.get_unit(session=session, code=code)
+
+
+@router.post("/units", status_code=status.HTTP_201_CREATED, responses=WRITE_ERRORS)
+async def create_unit(*, unit: Unit, _key: AdminKey, context: ContextDep) -> Unit:
+    """A unit record of DESIGN §11; the webhook secret is never shown again."""
+    async with transaction(context.sessions) as session:
+        return await registry.create_unit(session=session, unit=unit)
+
+
+@router.patch("/units/{code}", responses=WRITE_ERRORS)
+async def update_unit(
+    *, code: UnitCodePath, update: UnitUpdate, _key: AdminKey, context: ContextDep
+) -> Unit:
+    """Changes the fields given (null clears an optional one)."""
+    async with transaction(context.sessions) as session:
+        return await registry.update_unit(session=session, code=code, update=update)
+
+
+# -- covers -----------------------------------------------------------------------------
+
+
+@router.get("/covers")
+async def list_covers(
+    *,
+    _key: ViewerKey,
+    session: SessionDep,
+    owner_unit: Annotated[str | None, Query(pattern=UNIT_CODE)] = None,
+    road: Annotated[str | None, Query(min_length=1, max_length=100)] = None,
+    limit: Limit = DEFAULT_LIMIT,
+    offset: Offset = 0,
+) -> Page[Cover]:
+    """Covers in number order, of one owner unit or on one road if asked."""
+    covers = await registry.list_covers(
+        session=session, owner_unit=owner_unit, road=road, limit=limit + 1, offset=offset
+    )
+    return page_of(covers, limit=limit, offset=offset)
+
+
+@router.get("/covers/{cover_id}")
+async def get_cover(*, cover_id: CoverIdPath, _key: ViewerKey, session: SessionDep) -> Cover:
+    return await registry.get_cover(session=session, cover_id=cover_id)
+
+
+@router.post("/covers", status_code=status.HTTP_201_CREATED, responses=WRITE_ERRORS)
+async def create_cover(*, cover: CoverCreate, _key: AdminKey, context: ContextDep) -> Cover:
+    async with transaction(context.sessions) as session:
+        return await registry.create_cover(session=session, cover=cover)
+
+
+@router.patch("/covers/{cover_id}", responses=WRITE_ERRORS)
+async def update_cover(
+    *, cover_id: CoverIdPath, update: CoverUpdate, key: DispatcherKey, context: ContextDep
+) -> Cover:
+    """Dispatchers may correct a cover's facts; owner, maintainer and thresholds need an
+    admin, as they decide where cases go and when alerts fire."""
+    reserved = sorted(ADMIN_COVER_FIELDS & changes(update).keys())
+    if reserved and not key.at_least(Role.ADMIN):
+        raise Forbidden(f"changing {', '.join(reserved)} needs an admin key")
+    async with transaction(context.sessions) as session:
+        return await registry.update_cover(session=session, cover_id=cover_id, update=update)
+
+
+_CENSUS_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "A census file (DESIGN §11): UTF-8 CSV, or XLSX",
+        "content": {
+            "text/csv": {"schema": {"type": "string"}},
+            _XLSX: {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"the file is over {limit // (1024 * 1024)} MiB")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post(
+    "/covers/import",
+    responses={
+        **WRITE_ERRORS,
+        413: error_doc("The file is too large"),
+        422: error_doc("Rows were rejected (details: the report) or the file is unusable"),
+    },
+    openapi_extra=_CENSUS_BODY,
+)
+async def import_covers(
+    *,
+    request: Request,
+    _key: AdminKey,
+    context: ContextDep,
+    ignore_unknown: bool = False,
+    dry_run: bool = False,
+    skip_invalid: bool = False,
+) -> CensusReportOut:
+    """Imports a census file: every row or none, unless `skip_invalid` (then the valid
+    rows, and a report of the rejected ones). Rejected rows answer 422 with the report."""
+    table = read_census(await _read_body(request, MAX_CENSUS_BYTES))
+    async with transaction(context.sessions) as session:
+        report = await import_census(
+            session=session,
+            table=table,
+            ignore_unknown=ignore_unknown,
+            dry_run=dry_run,
+            skip_invalid=skip_invalid,
+        )
+    out = CensusReportOut.model_validate(report, from_attributes=True)
+    if report.errors and not skip_invalid:
+        raise Unprocessable(
+            f"{report.rejected_rows} of {report.rows} rows rejected: nothing imported",
+            code="census_rejected",
+            details=out.model_dump(mode="json"),
+        )
+    return out
+
+
+# -- devices ----------------------------------------------------------------------------
+
+
+@router.get("/devices")
+async def list_devices(
+    *,
+    _key: ViewerKey,
+    session: SessionDep,
+    bound: bool | None = None,
+    limit: Limit = DEFAULT_LIMIT,
+    offset: Offset = 0,
+) -> Page[Device]:
+    """Devices in id order; `bound` keeps those on a cover (true) or on none (false)."""
+    devices = await registry.list_devices(
+        session=session, bound=bound, limit=limit + 1, offset=offset
+    )
+    return page_of(devices, limit=limit, offset=offset)
+
+
+@router.get("/devices/{device_id}")
+async def get_device(*, device_id: DeviceIdPath, _key: ViewerKey, session: SessionDep) -> Device:
+    return await registry.get_device(session=session, device_id=device_id)
+
+
+@router.post("/devices", status_code=status.HTTP_201_CREATED, responses=WRITE_ERRORS)
+async def create_device(*, device: DeviceCreate, _key: AdminKey, context: ContextDep) -> Device:
+    async with transaction(context.sessions) as session:
+        return await registry.create_device(session=session, device=device)
+
+
+@router.patch("/devices/{device_id}", responses=WRITE_ERRORS)
+async def update_device(
+    *, device_id: DeviceIdPath, update: DeviceUpdate, _key: AdminKey, context: ContextDep
+) -> Device:
+    async with transaction(context.sessions) as session:
+        return await registry.update_device(session=session, device_id=device_id, update=update)
