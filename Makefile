@@ -30,6 +30,8 @@ check: install
 
 bench: install servers
 	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.alerting
+	$(BIN)/python -m bench.registry
 
 # Everything embedded: broker, stores, a seeded pilot and its storyline. Nothing to install.
 demo: install

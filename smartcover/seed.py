@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydantic import SecretStr
@@ -44,8 +45,14 @@ def _owner_of(minor: str) -> str:
     return next(code for code, _, _, minors in UNITS if minor in minors)
 
 
-def plan_pilot(count: int, seed: int = 7) -> list[SeededCover]:
-    """The covers of a pilot, the same for the same seed."""
+def demo_device_id(index: int) -> str:
+    return f"SC-{index + 1:05d}"
+
+
+def plan_pilot(
+    count: int, seed: int = 7, device_id: Callable[[int], str] = demo_device_id
+) -> list[SeededCover]:
+    """The covers of a pilot, the same for the same seed; `device_id` names the sensors."""
     rng = random.Random(seed)  # noqa: S311 -- a reproducible layout, not cryptography
     minors = [minor for _, _, _, owned in UNITS for minor in owned]
     covers = []
