@@ -65,7 +65,7 @@ async def _covers_by_unit(session: AsyncSession, end: datetime) -> dict[str, int
         .where(CoverRow.created_at < end)
         .group_by(CoverRow.owner_unit)
     )
-    return dict(rows)
+    return dict(rows.all())
 
 
 async def _tally_cases(

@@ -74,6 +74,9 @@ class EmptyReadings:
         return []
 
 
+EMPTY = EmptyReadings()
+
+
 class _Server(uvicorn.Server):
     """uvicorn without signal handlers: pytest keeps its own."""
 
@@ -201,11 +204,13 @@ async def serve(app: Any) -> AsyncIterator[str]:
 async def running_api(
     database_url: str,
     *,
-    readings: ReadingQuery | None = None,
+    readings: ReadingQuery | None = EMPTY,
     stream: StreamConfig | None = None,
     seed: bool = True,
 ) -> AsyncIterator[RunningApi]:
-    """The whole API on a fresh database, served; engines and clients closed at the end."""
+    """The whole API on a fresh database, served; clients closed at the end.
+
+    `readings` None: no time-series store at all."""
     async with migrated_sessions(database_url) as sessions:
         if seed:
             await seed_registry(sessions)
@@ -216,7 +221,7 @@ async def running_api(
             registry=CollectorRegistry(),
             readiness=lambda: Readiness({"database": None}),
             sessions=sessions,
-            readings=readings if readings is not None else EmptyReadings(),
+            readings=readings,
             admin_key=ADMIN_KEY,
             outbox_signal=signal,
             stream_config=stream or StreamConfig(poll_s=0.05, keepalive_s=0.5),
