@@ -328,4 +328,4 @@ def main(directory: Path, api_port: int, pace: float) -> None:
         await run_demo(directory, api_port=api_port, pace=pace, console=console, stop=stop)
 
     asyncio.run(go())
-    console.print("demo stopped")
+    console.print("\ndemo stopped")

@@ -27,6 +27,7 @@ from alerting.outbox import MQTT_CHANNEL, WEBHOOK_CHANNEL
 from alerting.registry_directory import RegistryContacts, RegistryDirectory
 from alerting.rules import Thresholds
 from api.app import Readiness
+from api.stream import OutboxSignal
 from core.db import create_engine, session_factory, upgrade
 from core.registry_cache import RegistryCache
 from core.settings import Settings
@@ -62,6 +63,7 @@ class Service:
     dispatcher: OutboxDispatcher
     mqtt_notifier: MqttNotifier
     ingest: IngestParts
+    outbox_signal: OutboxSignal
     db_problem: str | None = None
 
     def readiness(self) -> Readiness:
@@ -97,13 +99,19 @@ async def build_service(settings: Settings) -> Service:
         WEBHOOK_CHANNEL: WebhookNotifier(RegistryContacts(sessions)),
     }
     dispatcher = OutboxDispatcher(sessions, notifiers, registry=metrics_registry)
+    outbox_signal = OutboxSignal()
+
+    def committed() -> None:  # new outbox rows: deliver them, and tell the live streams
+        dispatcher.wake()
+        outbox_signal.notify()
+
     engine = AlertEngine(
         sessions=sessions,
         directory=directory,
         policy=case_policy(settings),
         metrics=AlertMetrics(metrics_registry),
         clock_ms=wall_clock_ms,
-        on_commit=dispatcher.wake,
+        on_commit=committed,
     )
     await engine.load()
 
@@ -124,6 +132,7 @@ async def build_service(settings: Settings) -> Service:
         dispatcher,
         mqtt_notifier,
         ingest,
+        outbox_signal,
     )
 
 
@@ -157,6 +166,7 @@ async def run_service(
             tasks = [group.create_task(_named(job)) for job in background]
             await service.ingest.service.run(stop)
             await service.engine.close()
+            service.outbox_signal.close()  # live streams end, so the API can stop
             for task in tasks:
                 task.cancel()
     finally:

@@ -11,8 +11,12 @@ from collections.abc import Iterator
 import uvicorn
 
 from api.app import create_app
+from api.readings import InfluxReadingQuery, ReadingQuery
+from api.readings_sqlite import SqliteReadingQuery
 from core.settings import Settings
-from smartcover.runtime import Service, build_service, run_service
+from core.timeseries import InfluxStore, ReadingStore
+from core.timeseries_sqlite import SqliteReadingStore
+from smartcover.runtime import Service, build_service, case_policy, run_service
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +29,25 @@ class ApiServer(uvicorn.Server):
         yield
 
 
+def reading_query(store: ReadingStore) -> ReadingQuery | None:
+    if isinstance(store, InfluxStore):
+        return InfluxReadingQuery(store)
+    if isinstance(store, SqliteReadingStore):
+        return SqliteReadingQuery(store)
+    return None
+
+
 def api_server(service: Service) -> ApiServer:
     settings = service.settings
-    app = create_app(registry=service.metrics_registry, readiness=service.readiness)
+    app = create_app(
+        registry=service.metrics_registry,
+        readiness=service.readiness,
+        sessions=service.sessions,
+        readings=reading_query(service.ingest.store),
+        admin_key=settings.admin_key,
+        case_policy=case_policy(settings),
+        outbox_signal=service.outbox_signal,
+    )
     config = uvicorn.Config(
         app, host=settings.api_host, port=settings.api_port, log_level="warning", lifespan="off"
     )
