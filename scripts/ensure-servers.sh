@@ -1,6 +1,7 @@
 #!/bin/sh
 # Makes sure the server binaries the tests start privately are installed.
-# Debian/Ubuntu packages: mosquitto, mosquitto-clients, influxdb (1.6 on Debian 12), postgresql.
+# Debian/Ubuntu packages: mosquitto, mosquitto-clients, influxdb (1.6 on Debian 12), postgresql,
+# and chromium for the dashboard's browser tests.
 set -eu
 
 missing=""
@@ -8,6 +9,8 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$
 command -v mosquitto_sub >/dev/null 2>&1 || missing="$missing mosquitto-clients"
 command -v influxd >/dev/null 2>&1 || missing="$missing influxdb"
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || missing="$missing postgresql"
+# The dashboard's end-to-end tests drive Debian's Chromium (tools may not download browsers).
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 
 [ -z "$missing" ] && exit 0
 
