@@ -44,13 +44,16 @@ def _settings() -> Settings:
         raise typer.Exit(2) from None
 
 
-def _run_server(with_api: bool) -> None:
-    from smartcover.serve import serve  # noqa: PLC0415 -- keeps `--help` fast
+def _run_server(part: str) -> None:
+    from smartcover import serve as serving  # noqa: PLC0415 -- keeps `--help` fast
 
     settings = _settings()
     logs.configure(settings.log_level)
     try:
-        asyncio.run(serve(settings, with_api=with_api))
+        if part == "api":
+            asyncio.run(serving.serve_api_only(settings))
+        else:
+            asyncio.run(serving.serve(settings, full_api=part == "serve"))
     except ConfigurationError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
@@ -58,14 +61,20 @@ def _run_server(with_api: bool) -> None:
 
 @app.command()
 def serve() -> None:
-    """Ingest and the HTTP API in one process (a single-node deployment)."""
-    _run_server(with_api=True)
+    """Ingest, alerting, notifications and the HTTP API in one process (a single node)."""
+    _run_server("serve")
 
 
 @app.command()
 def ingest() -> None:
-    """The MQTT consumer alone (with /healthz, /readyz and /metrics), to scale out."""
-    _run_server(with_api=True)
+    """Ingest, alerting and notifications, with only /healthz, /readyz and /metrics."""
+    _run_server("ingest")
+
+
+@app.command()
+def api() -> None:
+    """The HTTP API alone, on the stores (to serve more users; no MQTT)."""
+    _run_server("api")
 
 
 @app.command()

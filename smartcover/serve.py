@@ -9,13 +9,17 @@ import signal
 from collections.abc import Iterator
 
 import uvicorn
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
-from api.app import create_app
+from api.app import Readiness, create_app
 from api.readings import InfluxReadingQuery, ReadingQuery
 from api.readings_sqlite import SqliteReadingQuery
+from core.db import create_engine, session_factory, upgrade
 from core.settings import Settings
 from core.timeseries import InfluxStore, ReadingStore
 from core.timeseries_sqlite import SqliteReadingStore
+from ingest.bootstrap import build_store
 from smartcover.runtime import Service, build_service, case_policy, run_service
 
 logger = logging.getLogger(__name__)
@@ -37,8 +41,12 @@ def reading_query(store: ReadingStore) -> ReadingQuery | None:
     return None
 
 
-def api_server(service: Service) -> ApiServer:
+def api_server(service: Service, *, full: bool = True) -> ApiServer:
+    """The API of a running service; `full=False`: only /healthz, /readyz and /metrics."""
     settings = service.settings
+    if not full:
+        app = create_app(registry=service.metrics_registry, readiness=service.readiness)
+        return _uvicorn(app, settings)
     app = create_app(
         registry=service.metrics_registry,
         readiness=service.readiness,
@@ -48,10 +56,50 @@ def api_server(service: Service) -> ApiServer:
         case_policy=case_policy(settings),
         outbox_signal=service.outbox_signal,
     )
+    return _uvicorn(app, settings)
+
+
+def _uvicorn(app: FastAPI, settings: Settings) -> ApiServer:
     config = uvicorn.Config(
         app, host=settings.api_host, port=settings.api_port, log_level="warning", lifespan="off"
     )
     return ApiServer(config)
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+
+async def serve_api_only(settings: Settings) -> None:
+    """`smartcover api`: the HTTP API on the stores, without MQTT (to scale the API out).
+
+    Live streams poll the outbox, as events come from the process that evaluates.
+    """
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    db = create_engine(settings.database_url)
+    await upgrade(db)
+    store = build_store(settings)
+
+    def readiness() -> Readiness:
+        return Readiness({"database": None})
+
+    app = create_app(
+        registry=CollectorRegistry(),
+        readiness=readiness,
+        sessions=session_factory(db),
+        readings=reading_query(store),
+        admin_key=settings.admin_key,
+        case_policy=case_policy(settings),
+    )
+    try:
+        logger.info("API on http://%s:%d", settings.api_host, settings.api_port)
+        await serve_api(_uvicorn(app, settings), stop)
+    finally:
+        await store.close()
+        await db.dispose()
 
 
 async def serve_api(server: ApiServer, stop: asyncio.Event) -> None:
@@ -63,16 +111,10 @@ async def serve_api(server: ApiServer, stop: asyncio.Event) -> None:
         await task
 
 
-async def serve(
-    settings: Settings, *, with_api: bool = True, stop: asyncio.Event | None = None
-) -> None:
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+async def serve(settings: Settings, *, full_api: bool = True) -> None:
+    """`smartcover serve` (full_api) or `smartcover ingest` (operations endpoints only)."""
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
     service = await build_service(settings)
-    extra = []
-    if with_api:
-        extra.append(serve_api(api_server(service), stop))
-        logger.info("API on http://%s:%d", settings.api_host, settings.api_port)
-    await run_service(service, stop, extra)
+    logger.info("API on http://%s:%d", settings.api_host, settings.api_port)
+    await run_service(service, stop, [serve_api(api_server(service, full=full_api), stop)])
