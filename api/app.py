@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from alerting.cases import CasePolicy
@@ -17,6 +18,7 @@ from api.deps import ApiContext
 from api.errors import install_error_handlers
 from api.readings import ReadingQuery
 from api.routes import cases as case_routes
+from api.routes import dashboard as dashboard_routes
 from api.routes import ledgers as ledger_routes
 from api.routes import readings as reading_routes
 from api.routes import registry as registry_routes
@@ -82,9 +84,24 @@ def create_app(
             ledger_routes,
             stats_routes,
             stream_routes,
+            dashboard_routes,
         ):
             app.include_router(module.router)
+        app.mount("/dashboard", dashboard_routes.DashboardFiles(), name="dashboard")
     return app
+
+
+class ReadinessOut(BaseModel):
+    status: str  # "ready" or "not ready"
+    checks: dict[str, str]  # each dependency: "ok" or what is wrong
+
+
+_METRICS: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}}
+}
+_NOT_READY: dict[int | str, dict[str, Any]] = {
+    503: {"model": ReadinessOut, "description": "Something is unreachable"}
+}
 
 
 def _operations(
@@ -95,17 +112,17 @@ def _operations(
         """The process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["operations"])
+    @app.get("/readyz", tags=["operations"], response_model=ReadinessOut, responses=_NOT_READY)
     async def readyz() -> JSONResponse:
         """Broker and stores reachable; otherwise 503 naming what is not."""
         state = readiness()
-        body = {
-            "status": "ready" if state.ready else "not ready",
-            "checks": {name: problem or "ok" for name, problem in state.problems.items()},
-        }
-        return JSONResponse(body, status_code=200 if state.ready else 503)
+        body = ReadinessOut(
+            status="ready" if state.ready else "not ready",
+            checks={name: problem or "ok" for name, problem in state.problems.items()},
+        )
+        return JSONResponse(body.model_dump(), status_code=200 if state.ready else 503)
 
-    @app.get("/metrics", tags=["operations"])
+    @app.get("/metrics", tags=["operations"], response_class=Response, responses=_METRICS)
     async def metrics() -> Response:
         """Prometheus text exposition."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

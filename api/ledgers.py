@@ -24,6 +24,7 @@ from zoneinfo import ZoneInfo
 
 from openpyxl import Workbook
 from openpyxl.cell import WriteOnlyCell
+from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 from openpyxl.styles import Font
 from openpyxl.worksheet._write_only import WriteOnlyWorksheet
 from sqlalchemy import select
@@ -408,7 +409,8 @@ def _cell(sheet: WriteOnlyWorksheet, value: Any) -> Any:
         cell.number_format = "yyyy-mm-dd hh:mm:ss"
         return cell
     if isinstance(value, str):
-        cell = WriteOnlyCell(sheet, value=value)
+        # XML 1.0 cannot hold most control characters: openpyxl refuses them.
+        cell = WriteOnlyCell(sheet, value=ILLEGAL_CHARACTERS_RE.sub("\ufffd", value))
         cell.data_type = "s"  # openpyxl would store "=…" as a formula
         return cell
     return value

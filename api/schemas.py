@@ -8,6 +8,7 @@ from typing import Annotated, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from alerting.models import CaseStatus
+from core.registry_schemas import Unit, UnitKind
 
 T = TypeVar("T")
 
@@ -40,6 +41,25 @@ def page_of(items: list[T], *, limit: int, offset: int) -> Page[T]:
 
 Limit = Annotated[int, Field(ge=1, le=MAX_LIMIT, description="Page size")]
 Offset = Annotated[int, Field(ge=0, le=MAX_OFFSET, description="Items to skip")]
+
+
+class UnitOut(BaseModel):
+    """A unit as the API shows it: whether it has a webhook secret, never the secret."""
+
+    code: str
+    name: str
+    kind: UnitKind
+    parent: str | None
+    webhook_url: str | None
+    has_webhook_secret: bool
+    supervisor_contact: str | None
+
+    @classmethod
+    def of(cls, unit: Unit) -> UnitOut:
+        return cls(
+            **unit.model_dump(exclude={"webhook_secret"}),
+            has_webhook_secret=unit.webhook_secret is not None,
+        )
 
 
 class AlertOut(BaseModel):

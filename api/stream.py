@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from fastapi.sse import ServerSentEvent
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -113,9 +114,15 @@ async def newest_id(session: AsyncSession) -> int:
 
 
 async def _after(sessions: async_sessionmaker[AsyncSession], last_id: int) -> list[OutboxRow]:
-    async with transaction(sessions, write=False) as session:
-        query = select(OutboxRow).where(OutboxRow.id > last_id).order_by(OutboxRow.id).limit(_BATCH)
-        return list(await session.scalars(query))
+    # Shielded: a client hanging up cancels the stream, and a read cancelled midway makes
+    # SQLAlchemy abandon the connection (aiosqlite's is then never closed). A read takes
+    # milliseconds; the cancellation lands right after it.
+    query = select(OutboxRow).where(OutboxRow.id > last_id).order_by(OutboxRow.id).limit(_BATCH)
+    rows: list[OutboxRow] = []
+    with anyio.CancelScope(shield=True):
+        async with transaction(sessions, write=False) as session:
+            rows = list(await session.scalars(query))
+    return rows
 
 
 async def outbox_events(
@@ -127,11 +134,13 @@ async def outbox_events(
     last_id: int | None,
 ) -> AsyncIterator[ServerSentEvent]:
     """Events after `last_id` (or from now on), of one unit or all, until the signal closes."""
+    start = last_id or 0
     if last_id is None:
-        async with transaction(sessions, write=False) as session:
-            last_id = await newest_id(session)
-    cursor = OutboxCursor(last_id, config.gap_grace_s)
-    yield ServerSentEvent(comment=f"smartcover events after {last_id}", retry=RETRY_MS)
+        with anyio.CancelScope(shield=True):  # as in `_after`
+            async with transaction(sessions, write=False) as session:
+                start = await newest_id(session)
+    cursor = OutboxCursor(start, config.gap_grace_s)
+    yield ServerSentEvent(comment=f"smartcover events after {start}", retry=RETRY_MS)
     beat = time.monotonic()
     while not signal.closed:
         rows = await _after(sessions, cursor.last_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,12 +77,38 @@ class EmptyReadings:
 EMPTY = EmptyReadings()
 
 
-class _Server(uvicorn.Server):
+class QuietServer(uvicorn.Server):
     """uvicorn without signal handlers: pytest keeps its own."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def uvicorn_server(app: Any) -> QuietServer:
+    # Port 0: the kernel picks one. (A socket bound here and handed to uvicorn instead
+    # answers every request some 40 ms late.)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        lifespan="off",
+        ws="none",
+        http="h11",
+        timeout_graceful_shutdown=1,
+    )
+    return QuietServer(config)
+
+
+async def base_url_once_started(server: QuietServer, serving: asyncio.Task[None]) -> str:
+    """Waits until uvicorn listens (it has no event for that); returns its base URL."""
+    while not server.started:
+        if serving.done():
+            serving.result()  # it could not start: raise why
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return f"http://127.0.0.1:{port}"
 
 
 @dataclass
@@ -132,6 +158,19 @@ class RunningApi:
         return case_id
 
 
+def alert_engine(
+    sessions: async_sessionmaker[AsyncSession], clock: Clock, on_commit: Callable[[], None]
+) -> AlertEngine:
+    return AlertEngine(
+        sessions=sessions,
+        directory=directory(),
+        policy=CasePolicy(),
+        metrics=AlertMetrics(CollectorRegistry()),
+        clock_ms=clock,
+        on_commit=on_commit,
+    )
+
+
 def directory() -> StaticDirectory:
     return StaticDirectory(
         [
@@ -174,30 +213,13 @@ async def make_keys(sessions: async_sessionmaker[AsyncSession]) -> tuple[dict[st
 @contextlib.asynccontextmanager
 async def serve(app: Any) -> AsyncIterator[str]:
     """Serves `app` with uvicorn on a free loopback port; yields its base URL."""
-    # Port 0: the kernel picks one. (A socket bound here and handed to uvicorn instead
-    # answers every request some 40 ms late.)
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        log_level="warning",
-        lifespan="off",
-        ws="none",
-        http="h11",
-        timeout_graceful_shutdown=1,
-    )
-    server = _Server(config)
-    task = asyncio.create_task(server.serve())
+    server = uvicorn_server(app)
+    serving = asyncio.create_task(server.serve())
     try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
+        yield await base_url_once_started(server, serving)
     finally:
         server.should_exit = True
-        await task
+        await serving
 
 
 @contextlib.asynccontextmanager
@@ -227,14 +249,8 @@ async def running_api(
             stream_config=stream or StreamConfig(poll_s=0.05, keepalive_s=0.5),
             clock_ms=clock,
         )
-        engine = AlertEngine(
-            sessions=sessions,
-            directory=directory(),
-            policy=CasePolicy(),
-            metrics=AlertMetrics(CollectorRegistry()),
-            clock_ms=clock,
-            on_commit=signal.notify,  # the in-process hook of the live stream
-        )
+        # The engine notifies the live stream through its in-process hook.
+        engine = alert_engine(sessions, clock, on_commit=signal.notify)
         api = RunningApi("", sessions, keys, clock, signal, engine, revoked)
         try:
             async with serve(app) as url:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query, Request, status
 from api.deps import AdminKey, ContextDep, DispatcherKey, SessionDep, ViewerKey
 from api.errors import ERRORS, WRITE_ERRORS, Forbidden, TooLarge, Unprocessable, error_doc
 from api.models import Role
-from api.schemas import DEFAULT_LIMIT, CensusReportOut, Limit, Offset, Page, page_of
+from api.schemas import DEFAULT_LIMIT, CensusReportOut, Limit, Offset, Page, UnitOut, page_of
 from core import registry
 from core.census import import_census, read_census
 from core.db import transaction
@@ -55,31 +55,32 @@ async def list_units(
     kind: UnitKind | None = None,
     limit: Limit = DEFAULT_LIMIT,
     offset: Offset = 0,
-) -> Page[Unit]:
+) -> Page[UnitOut]:
     """Units in code order (owners and maintainers of covers)."""
     units = await registry.list_units(session=session, kind=kind)
-    return page_of(units[offset : offset + limit + 1], limit=limit, offset=offset)
+    page = [UnitOut.of(unit) for unit in units[offset : offset + limit + 1]]
+    return page_of(page, limit=limit, offset=offset)
 
 
 @router.get("/units/{code}")
-async def get_unit(*, code: UnitCodePath, _key: ViewerKey, session: SessionDep) -> Unit:
-    return await registry.get_unit(session=session, code=code)
+async def get_unit(*, code: UnitCodePath, _key: ViewerKey, session: SessionDep) -> UnitOut:
+    return UnitOut.of(await registry.get_unit(session=session, code=code))
 
 
 @router.post("/units", status_code=status.HTTP_201_CREATED, responses=WRITE_ERRORS)
-async def create_unit(*, unit: Unit, _key: AdminKey, context: ContextDep) -> Unit:
+async def create_unit(*, unit: Unit, _key: AdminKey, context: ContextDep) -> UnitOut:
     """A unit record of DESIGN §11; the webhook secret is never shown again."""
     async with transaction(context.sessions) as session:
-        return await registry.create_unit(session=session, unit=unit)
+        return UnitOut.of(await registry.create_unit(session=session, unit=unit))
 
 
 @router.patch("/units/{code}", responses=WRITE_ERRORS)
 async def update_unit(
     *, code: UnitCodePath, update: UnitUpdate, _key: AdminKey, context: ContextDep
-) -> Unit:
+) -> UnitOut:
     """Changes the fields given (null clears an optional one)."""
     async with transaction(context.sessions) as session:
-        return await registry.update_unit(session=session, code=code, update=update)
+        return UnitOut.of(await registry.update_unit(session=session, code=code, update=update))
 
 
 # -- covers -----------------------------------------------------------------------------
