@@ -1,1 +1,1 @@
-"""The HTTP API: health, readiness and metrics now; registry, cases and ledgers to come."""
+"""The HTTP API: operations endpoints, and registry, readings, cases, ledgers, stats, stream."""
