@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import pytest_asyncio
 from prometheus_client import CollectorRegistry
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from alerting.cases import MINUTE_MS, CaseDesk, CasePolicy, CoverInfo, IllegalTransition
 from alerting.directory import StaticDirectory
@@ -25,8 +24,8 @@ from alerting.models import (
 )
 from alerting.rules import CoverRule
 from core.contract import Reading
-from core.db import Base, create_engine, session_factory, transaction
-from tests.servers import PostgresServer
+from core.db import Base, transaction
+from tests.db_fixtures import BACKENDS, fresh_database_url, migrated_sessions
 
 pytestmark = pytest.mark.asyncio
 
@@ -45,24 +44,15 @@ class Clock:
         self.now += ms
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'alerting.db'}"
-        return
-    server: PostgresServer = request.getfixturevalue("postgres_server")
-    name = f"alerting_{uuid.uuid4().hex[:10]}"
-    server.create_database(name)
-    yield server.url(name)
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return fresh_database_url(request, tmp_path, "alerting")
 
 
 @pytest_asyncio.fixture
 async def sessions(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine: AsyncEngine = create_engine(database_url)
-    async with engine.begin() as connection:
-        await connection.run_sync(Base.metadata.create_all)
-    yield session_factory(engine)
-    await engine.dispose()
+    async with migrated_sessions(database_url) as migrated:  # the real schema, migrations
+        yield migrated
 
 
 def directory() -> StaticDirectory:
@@ -103,6 +93,18 @@ def reading(
 async def rows(sessions: async_sessionmaker[AsyncSession], model: type[Base]) -> list[Base]:
     async with transaction(sessions, write=False) as session:
         return list(await session.scalars(select(model)))
+
+
+async def work_case(
+    sessions: async_sessionmaker[AsyncSession], case_id: int, actor: str, now_ms: int
+) -> None:
+    """The crew's three steps: acknowledged, on site, resolved."""
+    async with transaction(sessions) as session:
+        desk = CaseDesk(session, CasePolicy())
+        for status in ("acknowledged", "on_site", "resolved"):
+            await desk.transition(
+                case_id=case_id, to=status, actor=actor, note=f"{status} by crew", now_ms=now_ms
+            )
 
 
 async def cases_of(sessions: async_sessionmaker[AsyncSession]) -> list[CaseRow]:
@@ -164,16 +166,7 @@ async def test_crew_workflow_and_sensor_verification(
     engine.evaluate(reading("dev-1", T0, tilt=60.0), T0)
     await engine.commit_pending()
     [case] = await cases_of(sessions)
-    async with transaction(sessions) as session:
-        desk = CaseDesk(session, CasePolicy())
-        for status in ("acknowledged", "on_site", "resolved"):
-            await desk.transition(
-                case_id=case.id,
-                to=status,
-                actor="crew:WS01",
-                note=f"{status} by crew",
-                now_ms=clock.now,
-            )
+    await work_case(sessions, case.id, "crew:WS01", clock.now)
     # Normal readings: the alert clears, then the fix holds through the window.
     for _minute in range(1, 40):
         clock.advance(MINUTE_MS)
@@ -199,12 +192,7 @@ async def test_recurrence_before_verification_reopens(
     engine.evaluate(reading("dev-2", T0, disp=40.0), T0)
     await engine.commit_pending()
     [case] = await cases_of(sessions)
-    async with transaction(sessions) as session:
-        desk = CaseDesk(session, CasePolicy())
-        for status in ("acknowledged", "on_site", "resolved"):
-            await desk.transition(
-                case_id=case.id, to=status, actor="crew", note="", now_ms=clock.now
-            )
+    await work_case(sessions, case.id, "crew", clock.now)
     for offset in range(1, 4):  # the alert clears
         engine.evaluate(reading("dev-2", T0 + offset * 1000), T0)
     engine.evaluate(reading("dev-2", T0 + 5000, disp=30.0), T0)  # and comes back

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +14,14 @@ import alerting.models  # noqa: F401 -- puts the alerting tables on Base.metadat
 import api.models  # noqa: F401 -- and the API keys
 import core.registry_models  # noqa: F401 -- and the registry's
 from core.db import Base, create_engine, current_revision, downgrade, head_revision, upgrade
-from tests.servers import PostgresServer
+from tests.db_fixtures import BACKENDS, fresh_database_url
 
 pytestmark = pytest.mark.asyncio
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=BACKENDS)
 def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'migrations.db'}"
-    server: PostgresServer = request.getfixturevalue("postgres_server")
-    name = f"migrations_{uuid.uuid4().hex[:10]}"
-    server.create_database(name)
-    return server.url(name)
+    return fresh_database_url(request, tmp_path, "migrations")
 
 
 def _differences(connection: Connection) -> list[Any]:
