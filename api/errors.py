@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
 from alerting.cases import CaseNotFound, IllegalTransition, ReasonRequired
@@ -153,6 +154,18 @@ async def _on_validation_error(_request: Request, exc: Exception) -> JSONRespons
     return error_response(422, "invalid", f"{where}: {first['msg']}", details)
 
 
+# PostgreSQL refuses text it cannot store (a NUL character, U+0000) with these SQLSTATEs;
+# SQLite stores it. Either way it comes from the request, so it is the caller's error.
+_BAD_TEXT_STATES = frozenset({"22021", "22P05"})
+
+
+async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DBAPIError)
+    if getattr(exc.orig, "sqlstate", None) in _BAD_TEXT_STATES:
+        return error_response(422, "invalid", "text must not contain NUL characters (U+0000)")
+    return await _on_unexpected(request, exc)
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal", "internal error; the server log has the details")
@@ -167,6 +180,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(TimeSeriesError, _on_domain_error)
     app.add_exception_handler(HTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(DBAPIError, _on_database_error)
     app.add_exception_handler(Exception, _on_unexpected)
 
 

@@ -179,3 +179,25 @@ async def test_error_bodies_share_one_shape(api: RunningApi) -> None:
         assert set(answer.json()) == ERROR_KEYS
         assert answer.json()["status"] == answer.status_code
         assert answer.json()["message"]
+
+
+async def test_nul_characters_are_an_error_of_the_request(
+    api: RunningApi, database_url: str
+) -> None:
+    # PostgreSQL cannot store U+0000 and refuses it; SQLite stores it. Never a 500.
+    admin = api.client("admin")
+    case_id = await api.strike("dev-1")
+    answers = [
+        await admin.get("/api/v1/covers", params={"road": "a\x00b"}),
+        await admin.post("/api/v1/units", json={"code": "X1", "name": "a\x00b", "kind": "gas"}),
+        await admin.patch(f"/api/v1/covers/{WATER_COVER}", json={"material": "a\x00b"}),
+        await admin.post(
+            f"/api/v1/cases/{case_id}/transitions", json={"to": "acknowledged", "note": "\x00"}
+        ),
+    ]
+    statuses = [answer.status_code for answer in answers]
+    if database_url.startswith("postgresql"):
+        assert statuses == [422] * 4
+        assert answers[0].json()["message"] == "text must not contain NUL characters (U+0000)"
+    else:
+        assert statuses == [200, 201, 200, 200]

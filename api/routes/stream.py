@@ -14,7 +14,7 @@ from api.stream import outbox_events
 
 router = APIRouter(prefix="/api/v1", tags=["stream"], responses=ERRORS)
 
-_MAX_ID = 2**63 - 1
+_MAX_ID = 2**31 - 1  # outbox ids are 32-bit integers in the database
 
 
 def last_event_id(
