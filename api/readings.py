@@ -111,11 +111,17 @@ def parse_every(every: str) -> int:
     return seconds
 
 
+def require_zone(**moments: datetime | None) -> None:
+    """400 for a time without a time zone: 08:00 would be ambiguous (UTC or Beijing?)."""
+    for name, value in moments.items():
+        if value is not None and value.tzinfo is None:
+            raise BadRequest(f"{name}: give a time zone (Z or +08:00)", code="bad_range")
+
+
 def check_window(start: datetime, end: datetime, every_s: int | None) -> None:
     """400 for a window that is empty, too long, or cut in too many buckets."""
+    require_zone(start=start, end=end)
     for name, value in (("start", start), ("end", end)):
-        if value.tzinfo is None:
-            raise BadRequest(f"{name}: give a time zone (Z or +08:00)", code="bad_range")
         if not EARLIEST <= value < LATEST:
             raise BadRequest(f"{name}: outside {EARLIEST:%Y}-{LATEST:%Y}", code="bad_range")
     if end <= start:

@@ -17,6 +17,7 @@ from api.readings import (
     ReadingWindow,
     check_window,
     parse_every,
+    require_zone,
 )
 from api.routes.registry import CoverIdPath
 from core import registry
@@ -47,6 +48,7 @@ async def cover_readings(
     """Raw readings (at most 7 days) or, with `every`, buckets (at most 92 days and 2 000
     buckets). Buckets start at multiples of `every` since the epoch (UTC)."""
     every_s = parse_every(every) if every is not None else None
+    require_zone(start=start, end=end)  # before any arithmetic: naive and aware do not mix
     if end is None:
         end = datetime.fromtimestamp(context.clock_ms() / 1000, tz=UTC)
     if start is None:
