@@ -279,13 +279,17 @@ async def run_demo(
         fleet = Fleet(settings.mqtt_url.get_secret_value(), covers, story, pace)
         storyline = Storyline(fleet, covers, api, story, pace)
         jobs: list[Awaitable[None]] = [
-            serve_api(api_server(service), stop),
             fleet.publish_forever(),
             storyline.run(),
             _show(service, story, console),
         ]
         try:
-            await run_service(service, stop, [_quietly(job) for job in jobs])
+            await run_service(
+                service,
+                stop,
+                [_quietly(job) for job in jobs],
+                api=serve_api(api_server(service), stop),
+            )
         finally:
             await broker.shutdown()
 

@@ -149,9 +149,17 @@ async def _watch_database(service: Service) -> None:
 
 
 async def run_service(
-    service: Service, stop: asyncio.Event, extra: list[Coroutine[Any, Any, None]] | None = None
+    service: Service,
+    stop: asyncio.Event,
+    extra: list[Coroutine[Any, Any, None]] | None = None,
+    *,
+    api: Coroutine[Any, Any, None] | None = None,
 ) -> None:
-    """Runs until `stop` is set, then shuts down in order and closes the stores."""
+    """Runs until `stop` is set, then shuts down in order and closes the stores.
+
+    `extra` jobs run until cancelled at shutdown; `api` ends by itself once `stop` is set
+    and the live streams are closed, and is awaited so that it closes its sockets.
+    """
     background = [
         service.cache.watch(stop),
         service.directory.record_unregistered_forever(),
@@ -164,9 +172,12 @@ async def run_service(
     try:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(_named(job)) for job in background]
+            api_task = group.create_task(api) if api is not None else None
             await service.ingest.service.run(stop)
             await service.engine.close()
             service.outbox_signal.close()  # live streams end, so the API can stop
+            if api_task is not None:
+                await api_task
             for task in tasks:
                 task.cancel()
     finally:

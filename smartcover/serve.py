@@ -117,4 +117,4 @@ async def serve(settings: Settings, *, full_api: bool = True) -> None:
     _stop_on_signals(stop)
     service = await build_service(settings)
     logger.info("API on http://%s:%d", settings.api_host, settings.api_port)
-    await run_service(service, stop, [serve_api(api_server(service, full=full_api), stop)])
+    await run_service(service, stop, api=serve_api(api_server(service, full=full_api), stop))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 import pytest_asyncio
 from sqlalchemy import select
@@ -26,6 +27,7 @@ from core.settings import MqttEndpoint
 from ingest import mqtt
 from smartcover.runtime import Service, build_service, run_service
 from smartcover.seed import LOW_LYING_ROAD, SeededCover, plan_pilot, seed_pilot
+from smartcover.serve import api_server, serve_api
 from tests.harness import (
     ServiceProcess,
     SteadyPublisher,
@@ -37,6 +39,7 @@ from tests.harness import (
 from tests.servers import InfluxServer, MosquittoServer
 
 pytestmark = pytest.mark.asyncio
+ADMIN_KEY = "an-admin-key-for-this-test-only"
 SECRET = "demo-secret"  # noqa: S105 -- the seed's public demo secret
 
 
@@ -95,11 +98,17 @@ async def service(
             )
     await engine.dispose()
     env = service_env(
-        mosquitto, influx_server, influx_db, tmp_path, SMARTCOVER_DATABASE_URL=database_url
+        mosquitto,
+        influx_server,
+        influx_db,
+        tmp_path,
+        SMARTCOVER_DATABASE_URL=database_url,
+        SMARTCOVER_ADMIN_KEY=ADMIN_KEY,
     )
     built = await build_service(settings_of(env))
     stop = asyncio.Event()
-    task = asyncio.create_task(run_service(built, stop))
+    api = serve_api(api_server(built), stop)
+    task = asyncio.create_task(run_service(built, stop, api=api))
     await wait_until(lambda: built.ingest.service.broker_connected, timeout_s=10)
     yield built
     stop.set()
@@ -265,3 +274,35 @@ async def test_kill_9_during_a_storm_loses_and_doubles_nothing(
     assert sorted(c.cover_id for c in cases) == sorted(c.cover_id for c in flooded)
     assert len({c.incident_id for c in cases}) == 1  # one flood on one road
     assert cases[0].incident_id is not None
+
+
+async def test_live_stream_carries_the_alert_of_a_published_reading(
+    service: Service, mosquitto: MosquittoServer
+) -> None:
+    cover = plan_pilot(12)[2]
+    base = f"http://127.0.0.1:{service.settings.api_port}"
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    events: list[dict[str, object]] = []
+
+    async def listen() -> None:
+        async with (
+            httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as client,
+            client.stream("GET", "/api/v1/stream") as answer,
+        ):
+            assert answer.status_code == 200
+            async for line in answer.aiter_lines():
+                if line.startswith("data:"):
+                    events.append(json.loads(line.removeprefix("data:")))
+                    if events[-1]["type"] == "alert.raised":
+                        return
+
+    listening = asyncio.create_task(listen())
+    await asyncio.sleep(0.5)  # the stream is open before the reading is published
+    await publish(mosquitto.url, [reading(cover.device_id, 0, tilt_deg=70.0)])
+    async with asyncio.timeout(15):
+        await listening
+    raised = events[-1]
+    assert raised["unit_code"] == cover.owner_unit
+    alert = raised["alert"]
+    assert isinstance(alert, dict)
+    assert (alert["cover_id"], alert["kind"]) == (cover.cover_id, "cover_open")
