@@ -130,8 +130,7 @@ class IngestService:
             decoded = self._decoder.decode(parts[1], message.payload, now_ms)
             batch.readings.extend(decoded.readings)
             if self._evaluator is not None:
-                for reading in decoded.readings:
-                    self._evaluator.evaluate(reading, now_ms)
+                self._evaluate(decoded.readings, now_ms)
             for rejection in decoded.rejections:
                 batch.dead_letters.append(
                     DeadLetter.of(
@@ -154,6 +153,18 @@ class IngestService:
             )
         if batch.size >= self._options.batch_size or batch.messages >= self._options.batch_size:
             self._seal()
+
+    def _evaluate(self, readings: list[Reading], now_ms: int) -> None:
+        evaluator = self._evaluator
+        assert evaluator is not None
+        for reading in readings:
+            try:
+                evaluator.evaluate(reading, now_ms)
+            except Exception:  # a bug must not turn one reading into a redelivery loop
+                # The reading is still stored; the traceback says what to fix.
+                logger.exception(
+                    "alert evaluation failed for %s seq %d", reading.device_id, reading.seq
+                )
 
     def _seal(self) -> None:
         batch = self._batch
