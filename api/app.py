@@ -18,6 +18,7 @@ from api.deps import ApiContext
 from api.errors import install_error_handlers
 from api.readings import ReadingQuery
 from api.routes import cases as case_routes
+from api.routes import dashboard as dashboard_routes
 from api.routes import ledgers as ledger_routes
 from api.routes import readings as reading_routes
 from api.routes import registry as registry_routes
@@ -83,8 +84,10 @@ def create_app(
             ledger_routes,
             stats_routes,
             stream_routes,
+            dashboard_routes,
         ):
             app.include_router(module.router)
+        app.mount("/dashboard", dashboard_routes.DashboardFiles(), name="dashboard")
     return app
 
 
