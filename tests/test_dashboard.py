@@ -34,6 +34,7 @@ import pytest
 from playwright.sync_api import (
     Browser,
     BrowserContext,
+    ConsoleMessage,
     Page,
     ViewportSize,
     expect,
@@ -199,7 +200,7 @@ class Screens:
     def __init__(self, browser: Browser) -> None:
         self._browser = browser
         self._contexts: list[BrowserContext] = []
-        self.errors: list[str] = []  # uncaught errors in any page
+        self.errors: list[str] = []  # uncaught errors and console errors in any page
 
     def open(self, *, phone: bool = False) -> Page:
         context = self._browser.new_context(
@@ -216,7 +217,14 @@ class Screens:
         self._contexts.append(context)
         page = context.new_page()
         page.on("pageerror", lambda error: self.errors.append(str(error)))
+        page.on("console", self._console)
         return page
+
+    def _console(self, message: ConsoleMessage) -> None:
+        # Refused keys and a stopped service fail requests on purpose; anything else
+        # (a script error, a content-security-policy violation) is a fault.
+        if message.type == "error" and not message.text.startswith("Failed to load resource"):
+            self.errors.append(message.text)
 
     def close(self) -> None:
         for context in self._contexts:

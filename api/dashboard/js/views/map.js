@@ -206,11 +206,10 @@ class MapDrawing {
       dot.style.display = visible ? "" : "none";
       dot.firstChild.textContent = `${cover.cover_id} · ${cover.road} · ${label("state", state)}`;
     }
-    // Urgent dots are drawn last, on top of the others.
-    for (const state of [...COVER_STATES].reverse()) {
-      for (const dot of this.dots.values())
-        if (dot.dataset.state === state) dot.parentNode.append(dot);
-    }
+    // Urgent dots are drawn last, on top of the others (normal ones stay where they are).
+    const rank = (dot) => COVER_STATES.indexOf(dot.dataset.state);
+    const raised = [...this.dots.values()].filter((dot) => dot.dataset.state !== "normal");
+    for (const dot of raised.sort((a, b) => rank(b) - rank(a))) dot.parentNode.append(dot);
     fill(
       this.legend,
       COVER_STATES.map((state) =>
