@@ -153,6 +153,7 @@ function loginView(problem = "") {
 }
 
 async function start() {
+  stop(); // a second sign-in replaces the first
   try {
     await data.signIn();
     await data.loadRegistry();

@@ -29,7 +29,11 @@ export function casesView(root, params) {
   );
   let finished = [];
 
-  const render = () => renderList(list, [...store.cases.values(), ...finished], caseId);
+  // A case closed since `finished` was read may still be in it: one card per case.
+  const render = () => {
+    const items = new Map([...finished, ...store.cases.values()].map((item) => [item.id, item]));
+    renderList(list, [...items.values()], caseId);
+  };
   const loadFinished = async () => {
     finished = [];
     if (filters.finished) {
@@ -46,6 +50,8 @@ export function casesView(root, params) {
   loadFinished().catch(() => render());
   return {
     update(what) {
+      // Finished cases are not in the store: re-read them when something moved.
+      if (what === "live") (filters.finished ? loadFinished() : Promise.resolve()).catch(render);
       if (what === "live") render();
       detail?.update(what);
     },
