@@ -11,6 +11,8 @@ command -v influxd >/dev/null 2>&1 || missing="$missing influxdb"
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || missing="$missing postgresql"
 # The dashboard's end-to-end tests drive Debian's Chromium (tools may not download browsers).
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+# Chinese text in the dashboard's screenshots (tests pass without it; the pictures would not).
+[ -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || missing="$missing fonts-wqy-microhei"
 
 [ -z "$missing" ] && exit 0
 
