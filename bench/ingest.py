@@ -50,6 +50,12 @@ class ServiceRun:
     peak_rss_mb: float
     cpu_s: float
     stored: int
+    broker_cpu_s: float = 0.0  # what the other processes spent meanwhile: the profile of
+    influx_cpu_s: float = 0.0  # the machine, to see which process bounds the rate
+
+
+def _cpu_s(pid: int | None) -> float:
+    return sum(psutil.Process(pid).cpu_times()[:2]) if pid else 0.0
 
 
 class RssSampler(threading.Thread):
@@ -212,7 +218,8 @@ def _measure(
         time.sleep(0.1)
     sampler = RssSampler(proc.pid)
     sampler.start()
-    cpu_before = sum(psutil.Process(proc.pid).cpu_times()[:2])
+    cpu_before = _cpu_s(proc.pid)
+    others_before = (_cpu_s(broker.pid), _cpu_s(influx.pid))
     load = LoadPlan(
         url=broker.url, readings=plan.readings, devices=plan.devices, processes=plan.processes
     )
@@ -228,11 +235,21 @@ def _measure(
             raise RuntimeError("service did not store the load within 10 minutes")
         time.sleep(_SAMPLE_INTERVAL_S)
     elapsed = time.monotonic() - start_times[0]
-    cpu_s = sum(psutil.Process(proc.pid).cpu_times()[:2]) - cpu_before
+    cpu_s = _cpu_s(proc.pid) - cpu_before
+    broker_cpu = _cpu_s(broker.pid) - others_before[0]
+    influx_cpu = _cpu_s(influx.pid) - others_before[1]
     sampler.stop()
     publisher.join()
     stored = influx.count(database)
-    return ServiceRun(elapsed, plan.readings / elapsed, sampler.peak / 2**20, cpu_s, stored)
+    return ServiceRun(
+        elapsed,
+        plan.readings / elapsed,
+        sampler.peak / 2**20,
+        cpu_s,
+        stored,
+        broker_cpu,
+        influx_cpu,
+    )
 
 
 def _connected(api_port: int) -> bool:
@@ -269,8 +286,12 @@ def main() -> None:
                 print(
                     f"round {round_no + 1}: broker {brokers[-1]:,.0f}/s, influx "
                     f"{influxes[-1]:,.0f}/s, smartcover {last.rate:,.0f}/s "
-                    f"(rss {last.peak_rss_mb:.0f} MB, cpu {last.cpu_s:.1f} s, "
-                    f"stored {last.stored:,})"
+                    f"(rss {last.peak_rss_mb:.0f} MB, stored {last.stored:,})"
+                )
+                print(
+                    f"  CPU during the smartcover run: service {last.cpu_s:.1f} s, Mosquitto "
+                    f"{last.broker_cpu_s:.1f} s, influxd {last.influx_cpu_s:.1f} s, in "
+                    f"{last.seconds:.1f} s on {psutil.cpu_count()} cores (publishers: the rest)"
                 )
     report(brokers, influxes, services, args.json)
 
