@@ -122,6 +122,12 @@ class DispatchMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.publish_to_notification = Histogram(
+            "smartcover_alert_publish_to_notification_seconds",
+            "From the device's reading to the first delivery of its alert on any channel",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
         for channel in channels:  # visible from the start, at zero
             self.delivered.labels(channel=channel)
             self.failed.labels(channel=channel)
@@ -338,17 +344,25 @@ class OutboxDispatcher:
             )
             alert_id = _raised_alert_id(event)
             if alert_id is not None:
-                await session.execute(
+                first = await session.execute(
                     update(AlertRow)
                     .where(AlertRow.id == alert_id, AlertRow.notified_ms.is_(None))
                     .values(notified_ms=now)
                     .execution_options(synchronize_session=False)
                 )
+                if first.rowcount:  # type: ignore[attr-defined]  # CursorResult's
+                    self._observe_first_notification(event, now)
         self.delivered += 1
         self.metrics.delivered.labels(channel=claim.channel).inc()
         latency_s = max(0, now - event.occurred_ms) / 1000
         self.metrics.latency.labels(channel=claim.channel).observe(latency_s)
         logger.debug("outbox: %s %s delivered on %s", event.type, event.event_id, claim.channel)
+
+    def _observe_first_notification(self, event: OutboxEvent, now_ms: int) -> None:
+        alert = event.payload.get("alert")
+        raised = alert.get("raised_ms") if isinstance(alert, dict) else None
+        if isinstance(raised, int):
+            self.metrics.publish_to_notification.observe(max(0, now_ms - raised) / 1000)
 
     async def _mark_failed(self, claim: _Claim, error: DeliveryError) -> None:
         attempts = claim.attempts + 1

@@ -20,6 +20,7 @@ from api.readings import ReadingQuery
 from api.routes import cases as case_routes
 from api.routes import dashboard as dashboard_routes
 from api.routes import ledgers as ledger_routes
+from api.routes import notifications as notification_routes
 from api.routes import readings as reading_routes
 from api.routes import registry as registry_routes
 from api.routes import stats as stats_routes
@@ -85,6 +86,7 @@ def create_app(
             stats_routes,
             stream_routes,
             dashboard_routes,
+            notification_routes,
         ):
             app.include_router(module.router)
         app.mount("/dashboard", dashboard_routes.DashboardFiles(), name="dashboard")

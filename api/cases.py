@@ -49,7 +49,14 @@ def case_out(row: CaseRow) -> CaseOut:
 
 
 def alert_out(row: AlertRow) -> AlertOut:
-    return AlertOut.model_validate(alert_json(row))
+    return AlertOut.model_validate(
+        {
+            **alert_json(row),
+            "received_ms": row.received_ms,
+            "committed_ms": row.committed_ms,
+            "notified_ms": row.notified_ms,
+        }
+    )
 
 
 def _urgent_first(query: Select[CaseRow]) -> Select[CaseRow]:

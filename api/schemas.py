@@ -76,6 +76,11 @@ class AlertOut(BaseModel):
     raised_ms: int
     cleared_ms: int | None
     case_id: int | None
+    # The alert's latency (DESIGN §5: well under a second from publish to notification):
+    # raised_ms is the device's time of the reading; these are the server's.
+    received_ms: int | None = None
+    committed_ms: int | None = None
+    notified_ms: int | None = None
 
 
 class CaseOut(BaseModel):

@@ -124,6 +124,8 @@ def endpoints(case_id: int) -> list[Endpoint]:
         Endpoint("GET", "/api/v1/ledgers/acceptance", "viewer", 200),
         Endpoint("GET", "/api/v1/stats/units?month=2027-01", "viewer", 200),
         Endpoint("GET", "/api/v1/stream", "viewer", 200),
+        Endpoint("GET", "/api/v1/me", "viewer", 200),
+        Endpoint("GET", "/api/v1/notifications", "dispatcher", 200),
     ]
 
 
@@ -179,7 +181,7 @@ async def test_role_endpoint_matrix(api: RunningApi) -> None:
             cells[(row, endpoint.method, endpoint.path, who)] = (expected(endpoint, who), got)
     wrong = {cell: result for cell, result in cells.items() if result[0] != result[1]}
     assert wrong == {}, "cells as (expected, got)"
-    assert len(cells) == len(table) * 9 == 30 * 9
+    assert len(cells) == len(table) * 9 == 32 * 9
 
 
 async def test_unauthenticated_answers_name_the_scheme(api: RunningApi) -> None:

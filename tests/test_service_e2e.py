@@ -184,6 +184,18 @@ async def test_displaced_cover_becomes_a_case_and_a_signed_webhook(
     assert alert is not None
     assert alert.notified_ms is not None
     assert alert.raised_ms <= alert.received_ms <= alert.committed_ms <= alert.notified_ms
+    # The same figures on the API, and the delivery state per channel.
+    base = f"http://127.0.0.1:{service.settings.api_port}"
+    async with httpx.AsyncClient(
+        base_url=base, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    ) as client:
+        alerts = (await client.get("/api/v1/alerts", params={"cover_id": cover.cover_id})).json()
+        deliveries = (await client.get("/api/v1/notifications")).json()
+    [listed] = alerts["items"]
+    assert listed["notified_ms"] == alert.notified_ms
+    assert listed["committed_ms"] == alert.committed_ms
+    assert deliveries["channels"]["webhook"]["delivered"] >= 2
+    assert deliveries["failing"] == []
 
 
 async def test_a_passing_lorry_causes_no_case(
