@@ -21,3 +21,7 @@ class BrokerError(SimError):
 
 class ProbeError(SimError):
     """The service under test could not be observed (not running, not ready, bad answer)."""
+
+
+class RegistrationError(SimError):
+    """The fleet could not be written into the service's registry (`--register`)."""

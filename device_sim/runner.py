@@ -7,12 +7,14 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from core.settings import MqttEndpoint
 from device_sim.devices import DeviceFleet, connected_fleet
+from device_sim.errors import SimError
 from device_sim.fleet import Credentials, SimCover
 from device_sim.scenario import Scenario
-from device_sim.timeline import LinkChange, Plan, Timebase
+from device_sim.timeline import CrewStep, LinkChange, Plan, Timebase
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,29 @@ ProgressCallback = Callable[[Progress], None]
 
 
 @dataclass(frozen=True, slots=True)
+class CrewOutcome:
+    """What became of a crew step: the case moved, and why it stopped short if it did."""
+
+    step: CrewStep
+    cover_id: str
+    case_id: int | None
+    reached: tuple[str, ...]  # the states the case was moved to, in order
+    problem: str = ""  # empty when every move was made
+
+    @property
+    def done(self) -> bool:
+        return not self.problem
+
+
+class CaseCrew(Protocol):
+    """The owner unit's crew: moves a cover's open case through the service's API."""
+
+    async def work(self, step: CrewStep, cover: SimCover) -> CrewOutcome:
+        """Makes the step's moves; a refusal is reported in the outcome, not raised."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
 class RunResult:
     plan: Plan
     published: int  # telemetry messages
@@ -57,16 +82,24 @@ class RunResult:
     refused: int
     connects: int  # successful CONNACKs; more than the devices means reconnects
     seconds: float
+    crew: tuple[CrewOutcome, ...] = ()  # in the order the steps finished
 
 
 class _Player:
     def __init__(
-        self, plan: Plan, fleet: DeviceFleet, planned: int | None, on_progress: ProgressCallback
+        self,
+        plan: Plan,
+        fleet: DeviceFleet,
+        planned: int | None,
+        on_progress: ProgressCallback,
+        crew: CaseCrew | None,
     ) -> None:
         self.plan = plan
         self.fleet = fleet
         self.planned = planned
         self.on_progress = on_progress
+        self.crew = crew
+        self.crew_done: list[CrewOutcome] = []
         self.started = time.monotonic()
         self.reported = 0.0
         self.sim_ms = plan.timebase.sim_start_ms
@@ -97,6 +130,18 @@ class _Player:
             self.report()
 
     async def play(self, clock_ms: Callable[[], int]) -> None:
+        """Sends every action when due; returns once the crew's steps are done too."""
+        failed: SimError | None = None
+        # The crew works beside the devices: its API calls must not hold up their schedule.
+        async with asyncio.TaskGroup() as crew:
+            try:
+                await self._send(clock_ms, crew)
+            except SimError as exc:  # raised below as itself, not wrapped in a group
+                failed = exc
+        if failed is not None:
+            raise failed
+
+    async def _send(self, clock_ms: Callable[[], int], crew: asyncio.TaskGroup) -> None:
         loop = asyncio.get_running_loop()
         timebase = self.plan.timebase
         # The loop's clock at the plan's real start (which may lie a moment behind us).
@@ -109,6 +154,9 @@ class _Player:
                 await asyncio.sleep(0)  # lets the loop write to the sockets
                 self.report()
             self.sim_ms = action.at_ms
+            if isinstance(action, CrewStep):
+                crew.create_task(self.crew_step(action))
+                continue
             session = self.fleet.sessions[action.device]
             if isinstance(action, LinkChange):
                 if action.online:
@@ -118,6 +166,19 @@ class _Player:
             else:
                 session.publish(action.topic, action.payload)
         self.sim_ms = self.plan.end_ms
+
+    async def crew_step(self, step: CrewStep) -> None:
+        cover = self.plan.covers[step.device]
+        if self.crew is None:
+            logger.warning(
+                "crew step on cover %s skipped: the crew works through the service's API,"
+                " which only --check uses",
+                cover.cover_id,
+            )
+            outcome = CrewOutcome(step, cover.cover_id, None, (), "skipped: needs --check")
+        else:
+            outcome = await self.crew.work(step, cover)
+        self.crew_done.append(outcome)
 
     async def drain(self, timeout_s: float) -> int:
         """Waits for the broker's PUBACKs; returns how many are still missing."""
@@ -140,9 +201,13 @@ async def play(
     on_progress: ProgressCallback | None = None,
     drain_timeout_s: float = DRAIN_TIMEOUT_S,
     clock_ms: Callable[[], int] = wall_clock_ms,
+    crew: CaseCrew | None = None,
 ) -> RunResult:
-    """Sends the plan's actions when they are due, then waits for the broker's PUBACKs."""
-    player = _Player(plan, fleet, planned, on_progress or _ignore)
+    """Sends the plan's actions when they are due, then waits for the broker's PUBACKs.
+
+    The crew's steps (if any) go to `crew`; the run ends once every step is done.
+    """
+    player = _Player(plan, fleet, planned, on_progress or _ignore, crew)
     await player.play(clock_ms)
     unacknowledged = await player.drain(drain_timeout_s)
     player.report(force=True)
@@ -157,6 +222,7 @@ async def play(
         refused=stats.refused,
         connects=stats.connects,
         seconds=time.monotonic() - player.started,
+        crew=tuple(player.crew_done),
     )
 
 
@@ -172,6 +238,7 @@ async def run_scenario(
     on_progress: ProgressCallback | None = None,
     clock_ms: Callable[[], int] = wall_clock_ms,
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    crew: CaseCrew | None = None,
 ) -> RunResult:
     """Connects the covers' devices, fixes the time base, plays the scenario, disconnects.
 
@@ -185,4 +252,6 @@ async def run_scenario(
             real_start_ms=clock_ms(), duration_s=scenario.duration_s, speed=scenario.speed
         )
         plan = Plan(scenario, tuple(covers), seed, timebase)
-        return await play(plan, fleet, planned=planned, on_progress=on_progress, clock_ms=clock_ms)
+        return await play(
+            plan, fleet, planned=planned, on_progress=on_progress, clock_ms=clock_ms, crew=crew
+        )

@@ -23,6 +23,13 @@ AlertKind = Literal[
     "cover_open", "cover_tilted", "cover_displaced", "water_high", "battery_low", "device_silent"
 ]
 Severity = Literal["critical", "major", "minor"]
+# A case's states (DESIGN §6); a case is opened as `open`, so it never moves there.
+CaseState = Literal[
+    "open", "dispatched", "acknowledged", "on_site", "resolved", "verified", "closed", "cancelled"
+]
+CaseMove = Literal[
+    "dispatched", "acknowledged", "on_site", "resolved", "verified", "closed", "cancelled"
+]
 Seconds = Annotated[float, Field(ge=0)]
 CoverIndexes = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
@@ -146,6 +153,18 @@ class SkewEvent(_Windowed):
     offset_s: float
 
 
+class CrewEvent(_Event):
+    """The owner unit's crew moves the cover's open case through the API, in this order.
+
+    Performed by `--check` with its API key (the scenario's expected outcome may depend
+    on it: a fix the sensor verifies, or a fix that does not hold).
+    """
+
+    kind: Literal["crew"]
+    to: Annotated[list[CaseMove], Field(min_length=1)]
+    note: Annotated[str, Field(max_length=2000)] = ""
+
+
 class MalformedEvent(_Event):
     """One message of each listed reason code (DESIGN §3), published `at_s`."""
 
@@ -170,7 +189,8 @@ Event = Annotated[
     | BufferEvent
     | DuplicateEvent
     | SkewEvent
-    | MalformedEvent,
+    | MalformedEvent
+    | CrewEvent,
     Field(discriminator="kind"),
 ]
 SensorEvent = TiltEvent | DisplaceEvent | SpikeEvent | FloodEvent | BatteryEvent
@@ -186,11 +206,20 @@ class AlertExpectation(_Strict):
 
 
 class CaseExpectation(_Strict):
-    """`count` cases opened for the cover, routed to its owner unit."""
+    """`count` cases opened for the cover, routed to its owner unit; when given, the
+    `status` they are in once the run is over and how often they were `reopened`."""
 
     cover: Annotated[int, Field(ge=0)]
     count: Annotated[int, Field(ge=0)] = 1
     severity: Severity | None = None
+    status: CaseState | None = None
+    reopened: Annotated[int, Field(ge=0)] | None = None
+
+
+class IncidentExpectation(_Strict):
+    """One area incident links the cases of exactly these covers (of the scenario's)."""
+
+    covers: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2)]
 
 
 class Expectations(_Strict):
@@ -199,6 +228,8 @@ class Expectations(_Strict):
     Counts are deltas of the service's counters over the run: `readings_stored` counts
     every reading written, redelivered ones included (the store overwrites them);
     `dead_letters` lists reasons with their counts, every reason not listed must stay 0.
+    Alerts and cases are those the run caused: raised or opened on the scenario's covers
+    while it ran (what the service held before the run does not count).
     """
 
     readings_stored: Annotated[int, Field(ge=0)]
@@ -206,6 +237,12 @@ class Expectations(_Strict):
     dead_letters: dict[Reason, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
     alerts: list[AlertExpectation] = Field(default_factory=list)
     cases: list[CaseExpectation] = Field(default_factory=list)
+    incidents: list[IncidentExpectation] = Field(default_factory=list)
+
+    @property
+    def observes_alerting(self) -> bool:
+        """Whether judging these needs the service's alerts and cases (its API)."""
+        return bool(self.alerts or self.cases or self.incidents)
 
 
 class Scenario(_Strict):
@@ -235,6 +272,7 @@ class Scenario(_Strict):
         if self.expect is not None:
             covers = [item.cover for item in self.expect.alerts]
             covers += [item.cover for item in self.expect.cases]
+            covers += [index for item in self.expect.incidents for index in item.covers]
             for cover in covers:
                 if cover >= self.fleet_size:
                     raise ValueError(f"expect: cover {cover} >= fleet_size {self.fleet_size}")

@@ -39,6 +39,7 @@ from device_sim.fleet import SimCover
 from device_sim.scenario import (
     BatteryEvent,
     BufferEvent,
+    CrewEvent,
     DisplaceEvent,
     DuplicateEvent,
     FloodEvent,
@@ -109,7 +110,17 @@ class LinkChange:
     online: bool
 
 
-Action = Publication | LinkChange
+@dataclass(frozen=True, slots=True)
+class CrewStep:
+    """The crew moves the open case of cover `device` through `moves`, in order (the API)."""
+
+    at_ms: int
+    device: int
+    moves: tuple[str, ...]
+    note: str
+
+
+Action = Publication | LinkChange | CrewStep
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +133,20 @@ class Plan:
     timebase: Timebase
 
     def actions(self) -> Iterator[Action]:
-        """Every action of every device, in simulated-time order (ties: by device)."""
+        """Every action of every device, in simulated-time order (ties: by device), and
+        the crew's steps (after what the devices do at the same instant)."""
         devices = [_DeviceTimeline(self, index) for index in range(len(self.covers))]
-        return heapq.merge(*(device.actions() for device in devices), key=lambda a: a.at_ms)
+        streams = [device.actions() for device in devices]
+        return heapq.merge(*streams, self.crew_steps(), key=lambda a: a.at_ms)
+
+    def crew_steps(self) -> Iterator[CrewStep]:
+        steps = [
+            CrewStep(self.timebase.sim_ms(event.at_s), cover, tuple(event.to), event.note)
+            for event in self.scenario.events
+            if isinstance(event, CrewEvent)
+            for cover in event.covers
+        ]
+        return iter(sorted(steps, key=lambda step: (step.at_ms, step.device)))
 
     def publications(self) -> Iterator[Publication]:
         return (action for action in self.actions() if isinstance(action, Publication))

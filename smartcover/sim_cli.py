@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -22,9 +23,10 @@ from core.settings import MqttEndpoint, Settings
 if TYPE_CHECKING:
     from device_sim.check import CheckReport
     from device_sim.fleet import Credentials, SimCover
+    from device_sim.runner import CaseCrew, RunResult
     from device_sim.runner import Progress as RunProgress
-    from device_sim.runner import RunResult
     from device_sim.scenario import Scenario
+    from device_sim.service_api import ServiceApi
     from device_sim.timeline import Plan
 
 console = Console()
@@ -33,7 +35,7 @@ DEFAULT_SERVICE = "http://127.0.0.1:8000"
 # may (6 days), which is to say until Ctrl-C.
 _FREE_RUN_COMPRESSED_S = 3600.0
 _FREE_RUN_COVERS = 10
-_STATUS_STYLE = {"pass": "green", "fail": "bold red", "not checkable yet": "yellow"}
+_STATUS_STYLE = {"pass": "green", "fail": "bold red", "not checkable": "yellow"}
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -56,8 +58,23 @@ def sim(  # noqa: PLR0917 -- a command's options arrive as parameters
         bool, typer.Option("--check", help="Run the scenario against a service and judge it.")
     ] = False,
     service: Annotated[
-        str, typer.Option(help="Base URL of the service that --check observes.")
+        str, typer.Option(help="Base URL of the service that --check and --register use.")
     ] = DEFAULT_SERVICE,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SMARTCOVER_API_KEY",
+            show_envvar=True,
+            help="API key of the service (else SMARTCOVER_ADMIN_KEY): a viewer key reads "
+            "alerts and cases, crew steps need a crew key, --register an admin key.",
+        ),
+    ] = None,
+    register: Annotated[
+        bool,
+        typer.Option(
+            "--register", help="Write the fleet into the service's registry first (its API)."
+        ),
+    ] = False,
     settle_timeout: Annotated[
         float, typer.Option(help="Seconds --check waits for the service to catch up.")
     ] = 30.0,
@@ -114,6 +131,9 @@ def sim(  # noqa: PLR0917 -- a command's options arrive as parameters
 
     Only the broker's address is taken from SMARTCOVER_MQTT_URL; devices log in
     as themselves with --credentials or --password-template.
+
+    The service evaluates alerts only for devices in its registry: --register
+    writes the fleet there (through the API, with an admin key).
     """
     from device_sim.errors import SimError  # noqa: PLC0415 -- keeps `--help` fast
 
@@ -124,12 +144,14 @@ def sim(  # noqa: PLR0917 -- a command's options arrive as parameters
     logs.configure(settings.log_level)
     url = broker or settings.mqtt_url.get_secret_value()
     if load is not None:
-        if scenario or check:
-            raise _fail("--load runs alone: no --scenario or --check with it")
+        if scenario or check or register:
+            raise _fail("--load runs alone: no --scenario, --check or --register with it")
         _run_load(url, load, devices, procs, seed)
         return
     if check and not scenario:
         raise _fail("--check needs a --scenario")
+    if register and dry_run:
+        raise _fail("--register writes to the service; not with --dry-run")
     if scenario is not None and (duration is not None or interval is not None):
         raise _fail("--duration and --interval are the scenario's own; not with --scenario")
     try:
@@ -157,8 +179,16 @@ def sim(  # noqa: PLR0917 -- a command's options arrive as parameters
             planned=_announce(chosen, fleet_covers, seed),
             protocol=settings.mqtt_protocol,
         )
-        if check:
-            _check(chosen, fleet_covers, runner, service, settle_timeout)
+        if check or register:
+            target = _Service(service, api_key or settings.admin_key.get_secret_value())
+            _with_service(
+                target,
+                chosen,
+                runner,
+                check=check,
+                register=register,
+                settle_timeout=settle_timeout,
+            )
         else:
             _report_run(asyncio.run(runner.run()))
     except SimError as exc:
@@ -186,7 +216,9 @@ def _duration(seconds: float) -> str:
         return f"{seconds / 86400:g} d"
     if seconds >= 3600:
         return f"{seconds / 3600:g} h"
-    return f"{seconds / 60:g} min"
+    if seconds >= 60:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"
 
 
 def _load(name: str | None, speed: float | None) -> Scenario | None:
@@ -293,7 +325,7 @@ def _plan_now(scenario: Scenario, fleet_covers: list[SimCover], seed: int) -> Pl
 
 
 def _dry_run(scenario: Scenario, fleet_covers: list[SimCover], seed: int) -> None:
-    from device_sim.timeline import Publication  # noqa: PLC0415
+    from device_sim.timeline import CrewStep, Publication  # noqa: PLC0415
 
     plan = _plan_now(scenario, fleet_covers, seed)
     for action in plan.actions():
@@ -307,6 +339,8 @@ def _dry_run(scenario: Scenario, fleet_covers: list[SimCover], seed: int) -> Non
                 "topic": action.topic,
                 "payload": action.payload.decode(errors="replace"),
             }
+        elif isinstance(action, CrewStep):
+            line |= {"crew": list(action.moves), "cover_id": fleet_covers[action.device].cover_id}
         else:
             line["link"] = "online" if action.online else "offline (Last Will)"
         typer.echo(json.dumps(line, ensure_ascii=False))
@@ -314,7 +348,7 @@ def _dry_run(scenario: Scenario, fleet_covers: list[SimCover], seed: int) -> Non
 
 def _announce(scenario: Scenario, fleet_covers: list[SimCover], seed: int) -> int | None:
     """Says what will run; for a scenario, warns when its counts will not come out."""
-    from device_sim.outcome import differences, predict  # noqa: PLC0415
+    from device_sim.outcome import differences, predict, timing_problems  # noqa: PLC0415
 
     real_s = scenario.duration_s / scenario.speed
     lasting = f"= {real_s:,.0f} s" if real_s < 86400 else "(until Ctrl-C)"
@@ -327,6 +361,8 @@ def _announce(scenario: Scenario, fleet_covers: list[SimCover], seed: int) -> in
     outcome = predict(_plan_now(scenario, fleet_covers, seed))
     for problem in differences(scenario.expect, outcome):
         console.print(f"[yellow]warning: with these options, expected {problem} (predicted)")
+    for problem in timing_problems(scenario):
+        console.print(f"[yellow]warning: {problem}")
     return outcome.acknowledged
 
 
@@ -352,7 +388,7 @@ class _Runner:
         self.planned = planned
         self.protocol = protocol
 
-    async def run(self) -> RunResult:
+    async def run(self, crew: CaseCrew | None = None) -> RunResult:
         from device_sim.runner import run_scenario  # noqa: PLC0415
 
         with _ProgressDisplay(self.planned) as update:
@@ -365,6 +401,7 @@ class _Runner:
                 protocol=self.protocol,
                 planned=self.planned,
                 on_progress=update,
+                crew=crew,
             )
 
 
@@ -419,27 +456,69 @@ def _report_run(result: RunResult) -> None:
         )
 
 
-def _check(
+@dataclass(frozen=True)
+class _Service:
+    url: str
+    api_key: str
+
+
+def _with_service(
+    target: _Service,
     scenario: Scenario,
-    fleet_covers: list[SimCover],
     runner: _Runner,
-    service: str,
+    *,
+    check: bool,
+    register: bool,
     settle_timeout: float,
 ) -> None:
-    from device_sim.check import HttpServiceProbe, check  # noqa: PLC0415
+    """--register and --check: the fleet registered, then the run judged (or just run)."""
+    from device_sim.check import CheckReport  # noqa: PLC0415
+    from device_sim.check import check as judge  # noqa: PLC0415
+    from device_sim.service_api import ServiceApi  # noqa: PLC0415
 
-    if scenario.expect is None:
-        raise _fail(f"scenario {scenario.name} declares no [expect]: nothing to check")
     expect = scenario.expect
+    if check and expect is None:
+        raise _fail(f"scenario {scenario.name} declares no [expect]: nothing to check")
 
-    async def checked() -> CheckReport:
-        async with HttpServiceProbe(service) as probe:
-            return await check(
-                expect, fleet_covers, runner.run, probe, settle_timeout_s=settle_timeout
+    async def main() -> CheckReport | RunResult:
+        async with ServiceApi(target.url, api_key=target.api_key) as api:
+            if register:
+                await _register(api, scenario, runner.covers)
+            if expect is None or not check:
+                return await runner.run()
+            return await judge(
+                expect,
+                runner.covers,
+                lambda: runner.run(crew=api),
+                api,
+                settle_timeout_s=settle_timeout,
             )
 
-    report = asyncio.run(checked())
-    table = Table("expectation", "expected", "observed", "result", "note", title=scenario.name)
+    outcome = asyncio.run(main())
+    if isinstance(outcome, CheckReport):
+        _report_check(scenario.name, outcome)
+    else:
+        _report_run(outcome)
+
+
+async def _register(api: ServiceApi, scenario: Scenario, covers: list[SimCover]) -> None:
+    from device_sim.register import PICKUP_S, register_fleet, service_interval_s  # noqa: PLC0415
+
+    intervals = [
+        service_interval_s(scenario.report_interval_s or cover.report_interval_s, scenario.speed)
+        for cover in covers
+    ]
+    done = await register_fleet(api, covers, intervals)
+    console.print(f"registered with {api.base_url}: {done.summary()}")
+    if done.changed:
+        # The service reloads its registry every few seconds; until then the new
+        # devices' readings would be stored but not evaluated.
+        console.print(f"waiting {PICKUP_S:g} s for the service to load its registry")
+        await asyncio.sleep(PICKUP_S)
+
+
+def _report_check(name: str, report: CheckReport) -> None:
+    table = Table("expectation", "expected", "observed", "result", "note", title=name)
     for verdict in report.verdicts:
         style = _STATUS_STYLE[verdict.status.value]
         table.add_row(
@@ -451,8 +530,8 @@ def _check(
         )
     console.print(table)
     if not report.passed:
-        raise _fail(f"{scenario.name}: FAILED", 1)
-    console.print(f"[green]{scenario.name}: passed[/green]")
+        raise _fail(f"{name}: FAILED", 1)
+    console.print(f"[green]{name}: passed[/green]")
 
 
 def _run_load(url: str, readings: int, devices: int, procs: int, seed: int) -> None:

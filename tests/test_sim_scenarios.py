@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-import itertools
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
 
+from alerting.rules import CRITERIA, Action, AlertKind, CoverRule, KindState, step
 from core.contract import STALE_LIMIT_MS, Reason, TelemetryDecoder
 from device_sim.errors import ScenarioError
-from device_sim.fleet import GeneratedFleet, SimCover
-from device_sim.outcome import differences, predict
+from device_sim.fleet import GeneratedFleet
+from device_sim.outcome import differences, predict, timing_problems
 from device_sim.scenario import (
     DEVICE_REASONS,
     SCENARIO_DIR,
-    AlertExpectation,
     Scenario,
     load_scenario,
     shipped_scenarios,
 )
 from device_sim.timeline import (
+    CrewStep,
     LinkChange,
     Plan,
     Publication,
@@ -43,6 +43,8 @@ REQUIRED = {
     "duplicates",
     "clock_skew",
     "malformed",
+    "fix_verified",
+    "fix_recurrence",
 }
 # Scenarios whose timestamps are wrong on purpose.
 CLOCK_BREAKERS = {"clock_skew", "malformed"}
@@ -126,6 +128,21 @@ def test_declared_counts_are_what_the_service_decoder_makes_of_the_messages(
             "description = 'x'\nfleet_size = 2\nduration_s = 60\n"
             "[[expect.alerts]]\nkind = 'cover_gone'\ncover = 0\n",
             ["expect.alerts[0].kind"],
+        ),
+        (
+            "description = 'x'\nfleet_size = 2\nduration_s = 60\n"
+            "[[events]]\nkind = 'crew'\ncovers = [0]\nto = ['open']\n",
+            ["events[0].crew.to[0]", "'dispatched'"],
+        ),
+        (
+            "description = 'x'\nfleet_size = 2\nduration_s = 60\n"
+            "[expect]\nreadings_stored = 1\nincidents = [{ covers = [0, 2] }]\n",
+            ["cover 2 >= fleet_size 2"],
+        ),
+        (
+            "description = 'x'\nfleet_size = 2\nduration_s = 60\n"
+            "[expect]\nreadings_stored = 1\ncases = [{ cover = 0, status = 'fixed' }]\n",
+            ["expect.cases[0].status"],
         ),
         ("description = 'x'\nfleet_size = = 2\n", ["not valid TOML", "line 2"]),
         (
@@ -284,41 +301,78 @@ def test_opened_and_stolen_goes_offline_after_the_opening_and_stays_silent() -> 
     assert all(at < links[0].at_ms for at, _ in readings)
 
 
-def _raised(kind: str, cover: SimCover, readings: list[dict[str, object]]) -> bool:
-    """Whether DESIGN §5's default rule for `kind` fires on these readings (in order)."""
-    values = {
-        key: [float(str(r[key])) for r in readings]
-        for key in ("tilt_deg", "displacement_mm", "water_level_cm", "battery_v")
-    }
-    tilt, battery = values["tilt_deg"], values["battery_v"]
-    rules = {
-        "cover_open": any(t >= 45 for t in tilt),
-        "cover_tilted": any(10 <= a < 45 and b >= 10 for a, b in itertools.pairwise(tilt)),
-        "cover_displaced": any(d >= 20 for d in values["displacement_mm"]),
-        "water_high": any(w >= cover.depth_cm - 30 for w in values["water_level_cm"]),
-        "battery_low": any(
-            all(v < 3.3 for v in battery[i : i + 3]) for i in range(len(battery) - 2)
-        ),
-    }
-    return rules[kind]
+def predicted_alerts(plan: Plan) -> Counter[tuple[int, str, str]]:
+    """(cover, kind, severity) of every alert the service's own rules raise on the plan's
+    readings, taken as the engine takes them: in arrival order, a device's readings older
+    than its newest evaluated one left out. The rules' timers (tilt confirmation, device
+    silence) run on the service's clock and are not predicted here."""
+    decoder = TelemetryDecoder()
+    states: dict[tuple[int, AlertKind], KindState] = {}
+    newest: dict[int, int] = {}
+    raised: Counter[tuple[int, str, str]] = Counter()
+    for publication in plan.publications():
+        if not publication.is_telemetry:
+            continue
+        cover = plan.covers[publication.device]
+        rule = CoverRule(depth_cm=cover.depth_cm, flood_prone=cover.flood_prone)
+        now_ms = round(plan.timebase.real_ms(publication.at_ms))
+        for reading in decoder.decode(cover.device_id, publication.payload, now_ms).readings:
+            if reading.ts_ms <= newest.get(publication.device, -1):
+                continue
+            newest[publication.device] = reading.ts_ms
+            for criterion in CRITERIA:
+                key = (publication.device, criterion.kind)
+                states[key], events = step(states.get(key, KindState()), reading, rule, criterion)
+                raised.update(
+                    (publication.device, event.kind.value, event.severity.value)
+                    for event in events
+                    if event.action is Action.RAISED
+                )
+    return raised
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_declared_alerts_agree_with_the_default_rules_on_the_generated_readings(
-    name: str,
+@pytest.mark.parametrize("seed", [1, 7])
+def test_declared_alerts_are_what_the_services_rules_make_of_the_readings(
+    name: str, seed: int
 ) -> None:
     scenario = load_scenario(name)
     assert scenario.expect is not None
-    plan = plan_of(scenario)
-    by_device = readings_by_device(plan)
-    expectations: list[AlertExpectation] = scenario.expect.alerts
-    for expectation in expectations:
+    raised = predicted_alerts(plan_of(scenario, seed=seed))
+    declared = set()
+    for expectation in scenario.expect.alerts:
         if expectation.kind == "device_silent":
             continue  # a timer on the service's clock, not a property of the readings
-        cover = plan.covers[expectation.cover]
-        readings = [r for _, r in sorted(by_device[expectation.cover], key=lambda x: x[0])]
-        fired = _raised(expectation.kind, cover, readings)
-        assert fired == (expectation.count > 0), (name, expectation)
+        declared.add((expectation.cover, expectation.kind))
+        found = {
+            severity: count
+            for (cover, kind, severity), count in raised.items()
+            if (cover, kind) == (expectation.cover, expectation.kind)
+        }
+        assert sum(found.values()) == expectation.count, (name, expectation, raised)
+        if expectation.severity is not None and expectation.count:
+            assert set(found) == {expectation.severity}, (name, expectation, raised)
+    undeclared = {(cover, kind) for cover, kind, _ in raised} - declared
+    assert not undeclared, f"{name}: alerts raised but not declared: {undeclared}"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_declared_cases_follow_from_the_declared_alerts(name: str) -> None:
+    """One case per cover with alerts in a run (later ones attach to it, DESIGN §6), as
+    severe as its most severe alert; device_silent opens minor cases too."""
+    scenario = load_scenario(name)
+    assert scenario.expect is not None
+    severities: dict[int, set[str]] = defaultdict(set)
+    for cover, _, severity in predicted_alerts(plan_of(scenario)):
+        severities[cover].add(severity)
+    for alert in scenario.expect.alerts:
+        if alert.kind == "device_silent" and alert.count:
+            severities[alert.cover].add("minor")
+    for case in scenario.expect.cases:
+        assert case.count == (1 if severities.get(case.cover) else 0), (name, case)
+        if case.severity is not None:
+            worst = max(severities[case.cover], key=["minor", "major", "critical"].index)
+            assert case.severity == worst, (name, case)
 
 
 def test_storm_floods_only_the_road_of_covers_0_to_5_with_a_lag() -> None:
@@ -337,3 +391,22 @@ def test_storm_floods_only_the_road_of_covers_0_to_5_with_a_lag() -> None:
 
 def test_every_shipped_file_is_in_the_package_directory() -> None:
     assert all((SCENARIO_DIR / f"{name}.toml").is_file() for name in SHIPPED)
+
+
+def test_the_crew_steps_come_in_the_plan_at_their_time_and_send_nothing() -> None:
+    plan = plan_of(load_scenario("fix_verified"))
+    [crew] = [action for action in plan.actions() if isinstance(action, CrewStep)]
+    assert (crew.at_ms - plan.timebase.sim_start_ms, crew.device) == (2000, 0)
+    assert crew.moves == ("acknowledged", "on_site", "resolved")
+    without = load_scenario("fix_verified").model_copy(
+        update={"events": [e for e in load_scenario("fix_verified").events if e.kind != "crew"]}
+    )
+    assert list(plan.publications()) == list(plan_of(without).publications())
+
+
+def test_a_fix_cannot_be_verified_when_time_is_compressed() -> None:
+    assert timing_problems(load_scenario("fix_verified")) == []
+    [problem] = timing_problems(load_scenario("fix_verified").with_speed(60))
+    assert "stamped after it on the service's clock" in problem
+    assert "run at --speed 1" in problem
+    assert timing_problems(load_scenario("vehicle_strike").with_speed(600)) == []
