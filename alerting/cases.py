@@ -259,6 +259,17 @@ class CaseDesk:
         self, cover: CoverInfo, event: AlertEvent, now_ms: int, outcome: DeskOutcome
     ) -> CaseRow:
         case = await self.open_case_of(cover.cover_id)
+        if case is not None and case.status == CaseStatus.VERIFIED.value:
+            # The sensor confirmed that fix; a new alert is a new problem, with a case of
+            # its own (the verified one is closed, and stays on the acceptance ledger).
+            await self._move(
+                case,
+                CaseStatus.CLOSED,
+                SYSTEM,
+                f"closed: {event.kind.value} is a new problem",
+                now_ms,
+            )
+            case = None
         if case is None:
             case = await self._open(cover, event, now_ms)
             outcome.opened_cases += 1
@@ -430,6 +441,15 @@ class CaseDesk:
         )
 
     # Timers and verification
+
+    async def reopen_if_resolved(self, cover_id: str, reason: str, now_ms: int) -> bool:
+        """Back to dispatched: the sensor says the fix did not hold (still over a limit)."""
+        case = await self.open_case_of(cover_id)
+        if case is None or case.status != CaseStatus.RESOLVED.value:
+            return False
+        case.reopened += 1
+        await self._move(case, CaseStatus.DISPATCHED, SENSOR, reason, now_ms)
+        return True
 
     async def _verify_if_due(self, case: CaseRow, readings: int, now_ms: int) -> None:
         policy = self._policy

@@ -80,9 +80,10 @@ class _Pending:
 
     states: dict[tuple[str, str], KindState] = field(default_factory=dict)
     events: list[tuple[CoverContext, str | None, AlertEvent, int]] = field(default_factory=list)
+    reopens: dict[str, str] = field(default_factory=dict)  # cover → why its fix failed
 
     def __bool__(self) -> bool:
-        return bool(self.states or self.events)
+        return bool(self.states or self.events or self.reopens)
 
 
 class AlertMetrics:
@@ -196,7 +197,9 @@ class AlertEngine:
             state = self._states.get(key, _REST)
             if state is _REST and criterion.classify(reading, context.rule) is not Level.OVER:
                 continue  # the common case: a cover at rest stays at rest
-            new_state, events = step(state, reading, context.rule, criterion)
+            new_state, events = step(
+                state, reading, context.rule, criterion, received_ms=received_ms
+            )
             self._record(key, context, reading.device_id, (new_state, events), received_ms)
         self._count_for_verification(cover_id, reading)
 
@@ -232,13 +235,27 @@ class AlertEngine:
         self._record(key, context, reading.device_id, (_REST, [event]), received_ms)
 
     def _count_for_verification(self, cover_id: str, reading: Reading) -> None:
+        """After a fix: normal readings count towards verifying it; an alert still active
+        and still over its limit means the fix did not hold."""
         verifying = self._verifying.get(cover_id)
         if verifying is None or reading.ts_ms < verifying[1]:
             return
-        if any(self._states.get((cover_id, c.kind.value), _REST).active for c in CRITERIA):
+        active = [c for c in CRITERIA if self._states.get((cover_id, c.kind.value), _REST).active]
+        if not active:
+            case_id = verifying[0]
+            self._verify_counts[case_id] = self._verify_counts.get(case_id, 0) + 1
             return
-        case_id = verifying[0]
-        self._verify_counts[case_id] = self._verify_counts.get(case_id, 0) + 1
+        context = self._directory.cover(cover_id)
+        if context is None:
+            return
+        over = [c.kind.value for c in active if c.classify(reading, context.rule) is Level.OVER]
+        if over:
+            del self._verifying[cover_id]  # once; the desk puts the case back to dispatched
+            self._pending.reopens[cover_id] = (
+                f"{', '.join(over)} still over the limit after the fix"
+            )
+            self._generation += 1
+            self._work.set()
 
     # Committing
 
@@ -295,13 +312,16 @@ class AlertEngine:
         self._observe_latency(pending, committed_ms)
         self._metrics.cases_opened.inc(outcome.opened_cases)
         await self._mark_committed(target)
-        if pending.events:
+        if pending.events or pending.reopens:
             self._on_commit()
 
     def _restore(self, pending: _Pending) -> None:
         """Puts changes that failed to commit back, under anything newer."""
         merged = {**pending.states, **self._pending.states}
-        self._pending = _Pending(states=merged, events=pending.events + self._pending.events)
+        reopens = {**pending.reopens, **self._pending.reopens}
+        self._pending = _Pending(
+            states=merged, events=pending.events + self._pending.events, reopens=reopens
+        )
 
     async def _write(self, pending: _Pending) -> DeskOutcome:
         outcome = DeskOutcome()
@@ -309,6 +329,8 @@ class AlertEngine:
         async with transaction(self._sessions) as session:
             await self._write_states(session, pending.states, now_ms)
             desk = CaseDesk(session, self._policy, webhook_units=self._directory.webhook_units())
+            for cover_id, reason in pending.reopens.items():
+                await desk.reopen_if_resolved(cover_id, reason, now_ms)
             for context, device_id, event, received_ms in pending.events:
                 await desk.apply_alert_event(
                     cover=context.info,

@@ -210,9 +210,19 @@ CRITERION_OF = {criterion.kind: criterion for criterion in CRITERIA}
 
 
 def step(
-    state: KindState, reading: Reading, rule: CoverRule, criterion: Criterion
+    state: KindState,
+    reading: Reading,
+    rule: CoverRule,
+    criterion: Criterion,
+    *,
+    received_ms: int | None = None,
 ) -> tuple[KindState, list[AlertEvent]]:
-    """Evaluates one reading for one (cover, kind); returns the new state and its events."""
+    """Evaluates one reading for one (cover, kind); returns the new state and its events.
+
+    `received_ms` (server clock) starts a confirmation window, which `tick` measures on
+    the server's clock too: a device clock that is off must not shorten or stretch it.
+    Without it, the device's time is used (tests that drive both clocks alike).
+    """
     if reading.ts_ms <= state.last_ts_ms:
         return state, []  # older than what was evaluated, or the same one again
     level = criterion.classify(reading, rule)
@@ -221,6 +231,9 @@ def step(
         return state, []
     value = criterion.value(reading)
     if level is Level.OVER:
+        if state.pending_since_ms is None:
+            since = reading.ts_ms if received_ms is None else received_ms
+            state = dataclasses.replace(state, pending_since_ms=since)
         return _over(state, reading.ts_ms, value, rule, criterion)
     return _not_over(state, level, reading.ts_ms, value, rule=rule, criterion=criterion)
 
@@ -229,10 +242,7 @@ def _over(
     state: KindState, ts_ms: int, value: float | None, rule: CoverRule, criterion: Criterion
 ) -> tuple[KindState, list[AlertEvent]]:
     streak = state.over_streak + 1
-    pending = state.pending_since_ms if state.pending_since_ms is not None else ts_ms
-    state = dataclasses.replace(
-        state, over_streak=streak, normal_streak=0, pending_since_ms=pending
-    )
+    state = dataclasses.replace(state, over_streak=streak, normal_streak=0)
     if state.active or streak < criterion.raise_after(rule.thresholds):
         return state, []
     return _raise(state, ts_ms, value, rule, criterion)

@@ -336,3 +336,42 @@ async def test_device_silence_raised_and_cleared(
             .where(AlertRow.kind == "device_silent", AlertRow.status == "active")
         )
     assert active == 0
+
+
+async def test_resolved_while_still_over_the_limit_goes_back_to_dispatched(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    clock = Clock()
+    engine = make_engine(sessions, clock)
+    engine.evaluate(reading("dev-1", T0, disp=40.0), T0)
+    await engine.commit_pending()
+    [case] = await cases_of(sessions)
+    await work_case(sessions, case.id, "crew", clock.now)  # "fixed", but it is not
+    await engine.run_timers()  # the engine learns which cases wait for verification
+    clock.advance(60_000)
+    engine.evaluate(reading("dev-1", clock.now, disp=38.0), clock.now)
+    await engine.commit_pending()
+    [case] = await cases_of(sessions)
+    assert (case.status, case.reopened) == ("dispatched", 1)
+
+
+async def test_a_new_alert_after_verification_opens_a_new_case(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    clock = Clock()
+    engine = make_engine(sessions, clock, CasePolicy(verify_window_ms=5 * MINUTE_MS))
+    engine.evaluate(reading("dev-1", T0, tilt=60.0), T0)
+    await engine.commit_pending()
+    [first] = await cases_of(sessions)
+    await work_case(sessions, first.id, "crew", clock.now)
+    for _ in range(8):  # normal readings: the alert clears and the fix is verified
+        clock.advance(MINUTE_MS)
+        engine.evaluate(reading("dev-1", clock.now), clock.now)
+        await engine.run_timers()
+    await engine.commit_pending()
+    assert [c.status for c in await cases_of(sessions)] == ["verified"]
+    clock.advance(MINUTE_MS)
+    engine.evaluate(reading("dev-1", clock.now, disp=50.0), clock.now)
+    await engine.commit_pending()
+    statuses = sorted((c.id, c.status) for c in await cases_of(sessions))
+    assert statuses == [(first.id, "closed"), (first.id + 1, "dispatched")]

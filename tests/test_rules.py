@@ -207,3 +207,16 @@ def test_state_is_immutable() -> None:
     with pytest.raises(AttributeError):
         state.active = True  # type: ignore[misc]
     assert replace(state, active=True).active
+
+
+def test_confirmation_window_runs_on_the_server_clock() -> None:
+    # A sensor whose clock is two hours slow: its spike must not look 2 h old to the timer.
+    rule, tilted = CoverRule(), CRITERION_OF[TILTED]
+    arrived = 10_000_000
+    state, _ = step(
+        KindState(), reading(arrived - 7_200_000, tilt=20), rule, tilted, received_ms=arrived
+    )
+    _, events = tick(state, arrived + 1000, rule, tilted)
+    assert events == []
+    _, events = tick(state, arrived + 30_000, rule, tilted)
+    assert [e.action for e in events] == [R]
