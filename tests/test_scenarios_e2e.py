@@ -145,11 +145,6 @@ def service(
             SMARTCOVER_ADMIN_KEY=ADMIN_KEY,
             SMARTCOVER_VERIFY_WINDOW_S="3",
             SMARTCOVER_VERIFY_MIN_READINGS="3",
-            # Works around an engine bug: the tilt confirmation timer compares the
-            # service's clock with the first tilted reading's device timestamp, which a
-            # compressed run stamps minutes in the past, so a timer tick between a
-            # lorry's spike and its recovery reading would raise cover_tilted.
-            SMARTCOVER_TILT_CONFIRM_S="3600",
         )
         process = ServiceProcess(env, workdir / "service.log")
         process.start()
@@ -369,12 +364,6 @@ def test_registering_needs_an_admin_key(service: Service) -> None:
     assert "admin" in output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="alerting bug: rules.tick() compares the service's clock with the device "
-    "timestamp of the first tilted reading (rules._over's pending_since_ms), so a sensor "
-    "whose clock is behind gets a lorry's spike confirmed by the next timer tick",
-)
 def test_a_lorry_over_a_cover_whose_clock_is_slow_causes_no_alert(service: Service) -> None:
     code, output = invoke(service, *service.slow_clock.args(service.base_url))
     assert code == 0, output

@@ -396,7 +396,7 @@ def test_every_shipped_file_is_in_the_package_directory() -> None:
 def test_the_crew_steps_come_in_the_plan_at_their_time_and_send_nothing() -> None:
     plan = plan_of(load_scenario("fix_verified"))
     [crew] = [action for action in plan.actions() if isinstance(action, CrewStep)]
-    assert (crew.at_ms - plan.timebase.sim_start_ms, crew.device) == (2000, 0)
+    assert (crew.at_ms - plan.timebase.sim_start_ms, crew.device) == (3000, 0)
     assert crew.moves == ("acknowledged", "on_site", "resolved")
     without = load_scenario("fix_verified").model_copy(
         update={"events": [e for e in load_scenario("fix_verified").events if e.kind != "crew"]}
