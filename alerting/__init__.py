@@ -1,1 +1,1 @@
-"""Alert rules, per-cover state and the case desk (built on top of the ingest spine)."""
+"""Alert rules and engine, the case desk, and the outbox with its notifiers (MQTT, webhooks)."""
