@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 # How often device progress is written, and how often the timers run.
 PROGRESS_FLUSH_S = 2.0
 TICK_S = 1.0
+# Silence is looked for less often: it walks every device, and takes minutes to arise.
+SILENCE_CHECK_MS = 10_000
 # Back-off of the committer while the database is unreachable.
 _COMMIT_RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 _REST = KindState()
@@ -161,6 +163,7 @@ class AlertEngine:
         self._work = asyncio.Event()
         self._verifying: dict[str, tuple[int, int]] = {}  # cover → (case id, since ms)
         self._verify_counts: dict[int, int] = {}
+        self._silence_checked_ms = 0
 
     @property
     def generation(self) -> int:
@@ -417,7 +420,9 @@ class AlertEngine:
         """Tilt confirmation, device silence, case deadlines and verification windows."""
         now_ms = self._clock_ms()
         self._confirm_pending(now_ms)
-        self._detect_silence(now_ms)
+        if now_ms - self._silence_checked_ms >= SILENCE_CHECK_MS:
+            self._silence_checked_ms = now_ms
+            self._detect_silence(now_ms)
         if self._pending:
             self._work.set()
         async with transaction(self._sessions) as session:
