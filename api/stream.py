@@ -140,7 +140,9 @@ async def outbox_events(
             async with transaction(sessions, write=False) as session:
                 start = await newest_id(session)
     cursor = OutboxCursor(start, config.gap_grace_s)
-    yield ServerSentEvent(comment=f"smartcover events after {start}", retry=RETRY_MS)
+    # The id gives a client its resume point before the first event: dropped before any
+    # event arrives, it still asks for exactly what it missed.
+    yield ServerSentEvent(id=str(start), comment=f"smartcover events after {start}", retry=RETRY_MS)
     beat = time.monotonic()
     while not signal.closed:
         rows = await _after(sessions, cursor.last_id)

@@ -301,10 +301,13 @@ def displace(dashboard: Dashboard, cover: SeededCover) -> int:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         items = dashboard.api("cases", cover_id=cover.cover_id)["items"]
-        if items:
+        # The case can be committed a batch before the reading reaches the time-series
+        # store (the two are written side by side): wait for both, as the card shows both.
+        points = dashboard.api(f"covers/{cover.cover_id}/readings")["points"]
+        if items and any(p["displacement_mm"] == 42.0 for p in points):
             return int(items[0]["id"])
         time.sleep(0.1)
-    raise AssertionError(f"no case opened for {cover.cover_id}")
+    raise AssertionError(f"no case opened, or reading stored, for {cover.cover_id}")
 
 
 def shoot(page: Page, path: Path) -> Path:
