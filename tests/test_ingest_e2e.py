@@ -234,7 +234,7 @@ async def test_influxdb_down_for_30_s_spools_then_replays_everything(
         await wait_until(
             lambda: influx_server.count(influx_db) >= 8000, timeout_s=30, what="all 8,000 points"
         )
-    assert spooled_during_outage > 4000  # ~30 s × 200/s went to the spool
+    assert spooled_during_outage > 2000  # up to 30 s × 200/s went to the spool
     assert parts.metrics.totals.replayed == parts.metrics.totals.spooled
     assert influx_server.count(influx_db) == 8000
     assert parts.metrics.registry.get_sample_value("smartcover_spool_bytes") == 0
