@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from alerting.models import AlertRow, DeliveryRow, OutboxRow
 from alerting.notifiers import DeliveryError, Notifier, OutboxEvent
 from alerting.outbox import MQTT_CHANNEL, WEBHOOK_CHANNEL
+from core.clock import wall_clock_ms
 from core.db import transaction
 
 logger = logging.getLogger(__name__)
@@ -54,10 +55,6 @@ _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 Sleep = Callable[[float], Coroutine[Any, Any, None]]
 Lane = tuple[str, str]  # (channel, unit_code)
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True, slots=True)

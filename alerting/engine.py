@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -467,7 +466,3 @@ class AlertEngine:
     @property
     def active_states(self) -> int:
         return sum(1 for state in self._states.values() if state.active)
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from api.routes import registry as registry_routes
 from api.routes import stats as stats_routes
 from api.routes import stream as stream_routes
 from api.stream import OutboxSignal, StreamConfig
+from core.clock import wall_clock_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +37,6 @@ class Readiness:
     @property
     def ready(self) -> bool:
         return not any(self.problems.values())
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def create_app(

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from core.clock import wall_clock_ms
 from core.settings import MqttEndpoint
 from device_sim.devices import DeviceFleet, connected_fleet
 from device_sim.errors import SimError
@@ -24,10 +25,6 @@ PROGRESS_INTERVAL_S = 0.25
 DRAIN_TIMEOUT_S = 30.0
 # Every device must be connected within this time before the scenario starts.
 CONNECT_TIMEOUT_S = 15.0
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
+from core.clock import wall_clock_ms
 from core.deadletters import DeadLetterLog
 from core.settings import Settings
 from core.timeseries import InfluxConfig, InfluxStore, ReadingStore
 from core.timeseries_sqlite import SqliteReadingStore
 from ingest.metrics import IngestMetrics
-from ingest.service import IngestService, ReadingEvaluator, wall_clock_ms
+from ingest.service import IngestService, ReadingEvaluator
 from ingest.spool import Spool
 from ingest.writer import BatchWriter
 

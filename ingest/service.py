@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from core.clock import wall_clock_ms
 from core.contract import TELEMETRY_FILTER, Reading, Reason, TelemetryDecoder
 from core.deadletters import DeadLetter
 from core.settings import Settings
@@ -34,10 +35,6 @@ _MAX_SEALED_BATCHES = 2
 # Reconnect back-off: from half a second up to half a minute, with jitter.
 _RECONNECT_FIRST_S = 0.5
 _RECONNECT_MAX_S = 30.0
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True, slots=True)

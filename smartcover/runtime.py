@@ -21,13 +21,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alerting.cases import MINUTE_MS, CasePolicy
 from alerting.dispatcher import OutboxDispatcher
-from alerting.engine import AlertEngine, AlertMetrics, wall_clock_ms
+from alerting.engine import AlertEngine, AlertMetrics
 from alerting.notifiers import MqttNotifier, Notifier, WebhookNotifier
 from alerting.outbox import MQTT_CHANNEL, WEBHOOK_CHANNEL
 from alerting.registry_directory import RegistryContacts, RegistryDirectory
 from alerting.rules import Thresholds
 from api.app import Readiness
 from api.stream import OutboxSignal
+from core.clock import wall_clock_ms
 from core.db import create_engine, session_factory, upgrade
 from core.registry_cache import RegistryCache
 from core.settings import Settings

@@ -315,7 +315,7 @@ def _device_endpoint(url: str) -> MqttEndpoint:
 
 
 def _plan_now(scenario: Scenario, fleet_covers: list[SimCover], seed: int) -> Plan:
-    from device_sim.runner import wall_clock_ms  # noqa: PLC0415
+    from core.clock import wall_clock_ms  # noqa: PLC0415
     from device_sim.timeline import Plan, Timebase  # noqa: PLC0415
 
     timebase = Timebase.catching_up(
