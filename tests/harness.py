@@ -9,9 +9,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from prometheus_client import CollectorRegistry
 
 from core.settings import MqttEndpoint, Settings
@@ -151,3 +154,54 @@ class SteadyPublisher:
 def kill_hard(proc: ServiceProcess) -> None:
     proc.signal(signal.SIGKILL)
     proc.wait(10)
+
+
+def wait_ready(base_url: str, process: ServiceProcess, timeout_s: float = 20.0) -> None:
+    """Until `/readyz` answers 200; the service's log in the error if it never does."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.proc is not None and process.proc.poll() is not None:
+            break
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"service not ready within {timeout_s} s:\n{process.log()[-3000:]}")
+
+
+@dataclass(frozen=True)
+class Serving:
+    broker: MosquittoServer
+    env: dict[str, str]
+    base_url: str
+
+
+@contextlib.contextmanager
+def serving(workdir: Path, influx: InfluxServer, **extra_env: str) -> Iterator[Serving]:
+    """`smartcover serve` as a process on a broker and databases of its own, once ready;
+    stopped with SIGTERM (and its InfluxDB database dropped) when the block ends."""
+    database = f"test_{uuid.uuid4().hex[:12]}"
+    influx.create_database(database)
+    with MosquittoServer(workdir / "mosquitto") as broker:
+        env = service_env(
+            broker,
+            influx,
+            database,
+            workdir,
+            SMARTCOVER_DATABASE_URL=f"sqlite:///{workdir / 'smartcover.db'}",
+            **extra_env,
+        )
+        process = ServiceProcess(env, workdir / "service.log")
+        process.start()
+        base_url = f"http://127.0.0.1:{env['SMARTCOVER_API_PORT']}"
+        try:
+            wait_ready(base_url, process)
+            yield Serving(broker, env, base_url)
+        finally:
+            if process.proc is not None and process.proc.poll() is None:
+                process.signal(signal.SIGTERM)
+                process.wait(15)
+            process.close()
+    influx.drop_database(database)

@@ -12,11 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import signal
 import subprocess
 import sys
-import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +29,8 @@ from device_sim.register import PICKUP_S, register_fleet, service_interval_s
 from device_sim.scenario import load_scenario
 from device_sim.service_api import ServiceApi
 from smartcover.sim_cli import sim
-from tests.harness import ServiceProcess, service_env
-from tests.servers import InfluxServer, MosquittoServer
+from tests.harness import serving
+from tests.servers import InfluxServer
 
 sim_app = typer.Typer(add_completion=False)
 sim_app.command(name="sim")(sim)
@@ -133,35 +130,18 @@ def service(
 ) -> Iterator[Service]:
     """`smartcover serve` with a short verification window, every run's fleet registered."""
     workdir = tmp_path_factory.mktemp("scenarios")
-    database = f"test_{uuid.uuid4().hex[:12]}"
-    influx_server.create_database(database)
-    with MosquittoServer(workdir / "mosquitto") as broker:
-        env = service_env(
-            broker,
-            influx_server,
-            database,
-            workdir,
-            SMARTCOVER_DATABASE_URL=f"sqlite:///{workdir / 'smartcover.db'}",
-            SMARTCOVER_ADMIN_KEY=ADMIN_KEY,
-            SMARTCOVER_VERIFY_WINDOW_S="3",
-            SMARTCOVER_VERIFY_MIN_READINGS="3",
-        )
-        process = ServiceProcess(env, workdir / "service.log")
-        process.start()
-        base_url = f"http://127.0.0.1:{env['SMARTCOVER_API_PORT']}"
-        slow_clock_file = workdir / "lorry_slow_clock.toml"
-        slow_clock_file.write_text(SLOW_CLOCK_LORRY, encoding="utf-8")
-        slow_clock = Run(str(slow_clock_file), 1, "411228", "e2e-slowclock")
-        try:
-            _wait_ready(base_url, process)
-            asyncio.run(_register(base_url, (*REGISTERED, slow_clock)))
-            yield Service(base_url, env, slow_clock)
-        finally:
-            if process.proc is not None and process.proc.poll() is None:
-                process.signal(signal.SIGTERM)
-                process.wait(15)
-            process.close()
-    influx_server.drop_database(database)
+    slow_clock_file = workdir / "lorry_slow_clock.toml"
+    slow_clock_file.write_text(SLOW_CLOCK_LORRY, encoding="utf-8")
+    slow_clock = Run(str(slow_clock_file), 1, "411228", "e2e-slowclock")
+    with serving(
+        workdir,
+        influx_server,
+        SMARTCOVER_ADMIN_KEY=ADMIN_KEY,
+        SMARTCOVER_VERIFY_WINDOW_S="3",
+        SMARTCOVER_VERIFY_MIN_READINGS="3",
+    ) as running:
+        asyncio.run(_register(running.base_url, (*REGISTERED, slow_clock)))
+        yield Service(running.base_url, running.env, slow_clock)
 
 
 async def _register(base_url: str, runs: tuple[Run, ...]) -> None:
@@ -171,20 +151,6 @@ async def _register(base_url: str, runs: tuple[Run, ...]) -> None:
             done = await register_fleet(api, run.covers(), run.intervals())
             assert done.covers_created == len(run.covers()), done
     await asyncio.sleep(PICKUP_S)
-
-
-def _wait_ready(base_url: str, process: ServiceProcess, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.proc is not None and process.proc.poll() is not None:
-            break
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"service not ready within {timeout_s} s:\n{process.log()[-3000:]}")
 
 
 def invoke(service: Service, *args: str, key: str = ADMIN_KEY) -> tuple[int, str]:

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import typer
 from prometheus_client import CollectorRegistry, generate_latest
@@ -38,8 +35,8 @@ from device_sim.service_api import ServiceApi
 from device_sim.timeline import CrewStep, Plan, Timebase
 from ingest.metrics import IngestMetrics
 from smartcover.sim_cli import sim
-from tests.harness import ServiceProcess, service_env
-from tests.servers import InfluxServer, MosquittoServer, free_port
+from tests.harness import serving
+from tests.servers import InfluxServer, free_port
 
 # Mounted the way smartcover/cli.py mounts it.
 sim_app = typer.Typer(add_completion=False)
@@ -67,43 +64,8 @@ def service(
     tmp_path_factory: pytest.TempPathFactory, influx_server: InfluxServer
 ) -> Iterator[Service]:
     """`smartcover serve` on its own broker and database, shared by this module's checks."""
-    workdir = tmp_path_factory.mktemp("sim-check")
-    database = f"test_{uuid.uuid4().hex[:12]}"
-    influx_server.create_database(database)
-    with MosquittoServer(workdir / "mosquitto") as broker:
-        env = service_env(
-            broker,
-            influx_server,
-            database,
-            workdir,
-            SMARTCOVER_DATABASE_URL=f"sqlite:///{workdir / 'smartcover.db'}",
-        )
-        process = ServiceProcess(env, workdir / "service.log")
-        process.start()
-        base_url = f"http://127.0.0.1:{env['SMARTCOVER_API_PORT']}"
-        try:
-            _wait_ready(base_url, process)
-            yield Service(base_url, broker.url, env)
-        finally:
-            if process.proc is not None and process.proc.poll() is None:
-                process.signal(signal.SIGTERM)
-                process.wait(15)
-            process.close()
-    influx_server.drop_database(database)
-
-
-def _wait_ready(base_url: str, process: ServiceProcess, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.proc is not None and process.proc.poll() is not None:
-            break
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"service not ready within {timeout_s} s:\n{process.log()[-3000:]}")
+    with serving(tmp_path_factory.mktemp("sim-check"), influx_server) as running:
+        yield Service(running.base_url, running.broker.url, running.env)
 
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
