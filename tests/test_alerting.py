@@ -107,6 +107,16 @@ async def work_case(
             )
 
 
+async def strike(
+    engine: AlertEngine, sessions: async_sessionmaker[AsyncSession], over_limit: Reading
+) -> CaseRow:
+    """Evaluates one over-limit reading (received at T0) and returns the one case it opened."""
+    engine.evaluate(over_limit, T0)
+    await engine.commit_pending()
+    [case] = await cases_of(sessions)
+    return case
+
+
 async def cases_of(sessions: async_sessionmaker[AsyncSession]) -> list[CaseRow]:
     return [row for row in await rows(sessions, CaseRow) if isinstance(row, CaseRow)]
 
@@ -117,9 +127,7 @@ async def test_strike_opens_a_critical_case_for_the_owner(
     clock = Clock()
     engine = make_engine(sessions, clock)
     engine.evaluate(reading("dev-1", T0 - 2000), T0)
-    engine.evaluate(reading("dev-1", T0 - 1000, disp=35.0), T0)
-    await engine.commit_pending()
-    [case] = await cases_of(sessions)
+    case = await strike(engine, sessions, reading("dev-1", T0 - 1000, disp=35.0))
     assert (case.cover_id, case.unit_code, case.severity) == (
         "4112030102000001",
         "WS01",
@@ -163,9 +171,7 @@ async def test_crew_workflow_and_sensor_verification(
 ) -> None:
     clock = Clock()
     engine = make_engine(sessions, clock)
-    engine.evaluate(reading("dev-1", T0, tilt=60.0), T0)
-    await engine.commit_pending()
-    [case] = await cases_of(sessions)
+    case = await strike(engine, sessions, reading("dev-1", T0, tilt=60.0))
     await work_case(sessions, case.id, "crew:WS01", clock.now)
     # Normal readings: the alert clears, then the fix holds through the window.
     for _minute in range(1, 40):
@@ -189,9 +195,7 @@ async def test_recurrence_before_verification_reopens(
 ) -> None:
     clock = Clock()
     engine = make_engine(sessions, clock)
-    engine.evaluate(reading("dev-2", T0, disp=40.0), T0)
-    await engine.commit_pending()
-    [case] = await cases_of(sessions)
+    case = await strike(engine, sessions, reading("dev-2", T0, disp=40.0))
     await work_case(sessions, case.id, "crew", clock.now)
     for offset in range(1, 4):  # the alert clears
         engine.evaluate(reading("dev-2", T0 + offset * 1000), T0)
@@ -205,9 +209,7 @@ async def test_illegal_transition_names_the_allowed_ones(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     engine = make_engine(sessions, Clock())
-    engine.evaluate(reading("dev-1", T0, tilt=60.0), T0)
-    await engine.commit_pending()
-    [case] = await cases_of(sessions)
+    case = await strike(engine, sessions, reading("dev-1", T0, tilt=60.0))
     with pytest.raises(IllegalTransition) as caught:
         async with transaction(sessions) as session:
             await CaseDesk(session, CasePolicy()).transition(
@@ -343,9 +345,7 @@ async def test_resolved_while_still_over_the_limit_goes_back_to_dispatched(
 ) -> None:
     clock = Clock()
     engine = make_engine(sessions, clock)
-    engine.evaluate(reading("dev-1", T0, disp=40.0), T0)
-    await engine.commit_pending()
-    [case] = await cases_of(sessions)
+    case = await strike(engine, sessions, reading("dev-1", T0, disp=40.0))
     await work_case(sessions, case.id, "crew", clock.now)  # "fixed", but it is not
     await engine.run_timers()  # the engine learns which cases wait for verification
     clock.advance(60_000)
@@ -360,9 +360,7 @@ async def test_a_new_alert_after_verification_opens_a_new_case(
 ) -> None:
     clock = Clock()
     engine = make_engine(sessions, clock, CasePolicy(verify_window_ms=5 * MINUTE_MS))
-    engine.evaluate(reading("dev-1", T0, tilt=60.0), T0)
-    await engine.commit_pending()
-    [first] = await cases_of(sessions)
+    first = await strike(engine, sessions, reading("dev-1", T0, tilt=60.0))
     await work_case(sessions, first.id, "crew", clock.now)
     for _ in range(8):  # normal readings: the alert clears and the fix is verified
         clock.advance(MINUTE_MS)
