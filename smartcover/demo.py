@@ -19,9 +19,10 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from amqtt.broker import Broker
@@ -278,7 +279,7 @@ async def run_demo(
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", headers=headers) as api:
         fleet = Fleet(settings.mqtt_url.get_secret_value(), covers, story, pace)
         storyline = Storyline(fleet, covers, api, story, pace)
-        jobs: list[Awaitable[None]] = [
+        jobs: list[Coroutine[Any, Any, None]] = [
             fleet.publish_forever(),
             storyline.run(),
             _show(service, story, console),
@@ -287,16 +288,11 @@ async def run_demo(
             await run_service(
                 service,
                 stop,
-                [_quietly(job) for job in jobs],
+                jobs,
                 api=serve_api(api_server(service), stop),
             )
         finally:
             await broker.shutdown()
-
-
-async def _quietly(job: Awaitable[None]) -> None:
-    with contextlib.suppress(asyncio.CancelledError):
-        await job
 
 
 async def _seed(settings: Settings, covers: list[SeededCover]) -> None:

@@ -172,7 +172,7 @@ async def run_service(
     ]
     try:
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(_named(job)) for job in background]
+            tasks = [group.create_task(_done_when_cancelled(job)) for job in background]
             api_task = group.create_task(api) if api is not None else None
             await service.ingest.service.run(stop)
             await service.engine.close()
@@ -186,7 +186,7 @@ async def run_service(
         await service.db.dispose()
 
 
-async def _named(job: Awaitable[None]) -> None:
+async def _done_when_cancelled(job: Awaitable[None]) -> None:
     # A background job that was cancelled at shutdown is done, not failed.
     with contextlib.suppress(asyncio.CancelledError):
         await job
