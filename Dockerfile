@@ -19,8 +19,9 @@ WORKDIR /app
 
 # Dependencies first, so this layer is rebuilt only when the lock changes. --no-deps:
 # the lock is complete, and nothing may come in without a hash.
-COPY requirements.lock ./
-RUN pip install --require-hashes --no-deps -r requirements.lock
+COPY requirements-pip.lock requirements.lock ./
+RUN pip install --require-hashes -r requirements-pip.lock \
+    && pip install --require-hashes --no-deps -r requirements.lock
 
 # The source on PYTHONPATH rather than an installed wheel: building a wheel would fetch
 # the build backend (hatchling) from PyPI with no hash to check it against.

@@ -8,9 +8,12 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): requirements-dev.lock pyproject.toml
+# The venv's own pip comes first, from its hashed lock: the one `python3 -m venv` bundles
+# is too old for the project's lock (requirements-pip.lock says why).
+$(STAMP): requirements-pip.lock requirements-dev.lock pyproject.toml
 	@scripts/ensure-venv.sh $(PYTHON)
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements-pip.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $(STAMP)
