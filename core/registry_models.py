@@ -154,3 +154,5 @@ class UnregisteredDeviceRow(Base):
 
     device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     first_seen_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    last_seen_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    readings: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
