@@ -30,7 +30,13 @@ class StaticDirectory:
     def webhook_units(self) -> frozenset[str]:
         return self._webhook_units
 
-    def note_unregistered(self, device_id: str) -> None:
+    def is_registered(self, device_id: str) -> bool:
+        return device_id in self._by_device
+
+    async def refresh_for_unknown(self, received_ms: int) -> None:
+        """Nothing to refresh: the bindings were given up front."""
+
+    def note_unregistered(self, device_id: str, received_ms: int) -> None:
         if device_id not in self.unregistered:
             self.unregistered.add(device_id)
             logger.warning("readings from unregistered device %s: stored, not evaluated", device_id)

@@ -72,7 +72,15 @@ class CoverDirectory(Protocol):
 
     def webhook_units(self) -> frozenset[str]: ...
 
-    def note_unregistered(self, device_id: str) -> None: ...
+    def is_registered(self, device_id: str) -> bool:
+        """In the registry, whether or not on a cover."""
+        ...
+
+    async def refresh_for_unknown(self, received_ms: int) -> None:
+        """Brings the registry up to date with what was known when a reading arrived."""
+        ...
+
+    def note_unregistered(self, device_id: str, received_ms: int) -> None: ...
 
 
 @dataclass
@@ -163,6 +171,9 @@ class AlertEngine:
         self._verifying: dict[str, tuple[int, int]] = {}  # cover → (case id, since ms)
         self._verify_counts: dict[int, int] = {}
         self._silence_checked_ms = 0
+        # Readings of devices the registry did not know on arrival, evaluated (or declared
+        # unregistered) by the committer once the registry was checked again.
+        self._unknown: list[tuple[Reading, int]] = []
 
     @property
     def generation(self) -> int:
@@ -185,8 +196,9 @@ class AlertEngine:
     def evaluate(self, reading: Reading, received_ms: int) -> None:
         context = self._directory.cover_of(reading.device_id)
         if context is None:
-            self._directory.note_unregistered(reading.device_id)
-            return
+            if not self._directory.is_registered(reading.device_id):
+                self._park_unknown(reading, received_ms)
+            return  # registered but on no cover: stored, nothing to evaluate
         last_ts, _ = self._progress.get(reading.device_id, (-1, 0))
         self._progress[reading.device_id] = (max(last_ts, reading.ts_ms), received_ms)
         self._dirty_progress.add(reading.device_id)
@@ -204,6 +216,29 @@ class AlertEngine:
             )
             self._record(key, context, reading.device_id, (new_state, events), received_ms)
         self._count_for_verification(cover_id, reading)
+
+    def _park_unknown(self, reading: Reading, received_ms: int) -> None:
+        # Perhaps registered a moment ago in another process: the committer checks the
+        # registry once before declaring the device unregistered, and the batch is not
+        # acknowledged before that (the generation moves).
+        self._unknown.append((reading, received_ms))
+        self._generation += 1
+        self._work.set()
+
+    async def _resolve_unknown(self) -> None:
+        if not self._unknown:
+            return
+        parked, self._unknown = self._unknown, []
+        try:
+            await self._directory.refresh_for_unknown(max(at for _, at in parked))
+        except BaseException:
+            self._unknown = parked + self._unknown
+            raise
+        for reading, received_ms in parked:
+            if self._directory.cover_of(reading.device_id) is not None:
+                self.evaluate(reading, received_ms)
+            elif not self._directory.is_registered(reading.device_id):
+                self._directory.note_unregistered(reading.device_id, received_ms)
 
     def _record(
         self,
@@ -300,6 +335,7 @@ class AlertEngine:
                 self._work.set()
 
     async def _commit_once(self) -> None:
+        await self._resolve_unknown()
         pending, target = self._pending, self._generation
         if not pending:
             await self._mark_committed(target)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -16,11 +14,9 @@ from core import registry
 from core.db import transaction
 from core.registry_cache import CoverEntry, RegistryCache
 from core.registry_errors import NotFound
+from core.unregistered import UnregisteredLog
 
 logger = logging.getLogger(__name__)
-
-# Unregistered devices waiting to be recorded; beyond this they are recorded next time.
-_MAX_UNNOTED = 10_000
 
 
 def cover_context(
@@ -50,14 +46,15 @@ def _as_dict(thresholds: Thresholds) -> dict[str, object]:
 class RegistryDirectory:
     """`CoverDirectory` over the registry cache; contexts rebuilt when the registry changes."""
 
-    def __init__(self, cache: RegistryCache, defaults: Thresholds) -> None:
+    def __init__(
+        self, cache: RegistryCache, defaults: Thresholds, unregistered: UnregisteredLog
+    ) -> None:
         self._cache = cache
         self._defaults = defaults
+        self._unregistered = unregistered
         self._version = -2
         self._by_device: dict[str, CoverContext | None] = {}
         self._by_cover: dict[str, CoverContext] = {}
-        self._unnoted: asyncio.Queue[str] = asyncio.Queue(_MAX_UNNOTED)
-        self._seen_unregistered: set[str] = set()
 
     def _fresh(self) -> None:
         if self._cache.version != self._version:
@@ -86,25 +83,14 @@ class RegistryDirectory:
     def webhook_units(self) -> frozenset[str]:
         return self._cache.webhook_units()
 
-    def note_unregistered(self, device_id: str) -> None:
-        if self._cache.lookup(device_id) is not None or device_id in self._seen_unregistered:
-            return  # registered but on no cover, or noted already
-        self._seen_unregistered.add(device_id)
-        with contextlib.suppress(asyncio.QueueFull):
-            self._unnoted.put_nowait(device_id)
+    def is_registered(self, device_id: str) -> bool:
+        return self._cache.lookup(device_id) is not None
 
-    async def record_unregistered_forever(self) -> None:
-        """Records unregistered devices in the registry, once each (the hot path can't wait)."""
-        while True:
-            device_id = await self._unnoted.get()
-            try:
-                if await self._cache.note_unregistered(device_id):
-                    logger.warning(
-                        "unregistered_device %s: readings stored, not evaluated", device_id
-                    )
-            except Exception:  # the database is away: forget it, the next reading notes it
-                self._seen_unregistered.discard(device_id)
-                logger.exception("could not record unregistered device %s", device_id)
+    async def refresh_for_unknown(self, received_ms: int) -> None:
+        await self._cache.refresh_for_unknown(received_ms)
+
+    def note_unregistered(self, device_id: str, received_ms: int) -> None:
+        self._unregistered.seen(device_id, received_ms)
 
 
 class RegistryContacts:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,7 @@ from pydantic import BaseModel, SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from alerting.cases import CasePolicy
-from api.deps import ApiContext
+from api.deps import ApiContext, nothing_to_refresh
 from api.errors import install_error_handlers
 from api.readings import ReadingQuery
 from api.routes import cases as case_routes
@@ -50,6 +50,7 @@ def create_app(
     outbox_signal: OutboxSignal | None = None,
     stream_config: StreamConfig | None = None,
     clock_ms: Callable[[], int] = wall_clock_ms,
+    registry_changed: Callable[[], Awaitable[object]] = nothing_to_refresh,
 ) -> FastAPI:
     """The app. Without `sessions` only /healthz, /readyz and /metrics are served (an
     ingest-only process); with them, the whole API. `readings` None: the readings
@@ -73,6 +74,7 @@ def create_app(
             signal=outbox_signal or OutboxSignal(),
             stream=stream_config or StreamConfig(),
             clock_ms=clock_ms,
+            registry_changed=registry_changed,
         )
         for module in (
             registry_routes,

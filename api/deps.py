@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, cast
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from alerting.cases import CasePolicy
@@ -17,6 +20,13 @@ from api.models import Role
 from api.readings import ReadingQuery
 from api.stream import OutboxSignal, StreamConfig
 from core.db import transaction
+from core.registry_errors import RegistryError
+
+logger = logging.getLogger(__name__)
+
+
+async def nothing_to_refresh() -> None:
+    """An API-only process holds no registry cache: other processes are notified."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +40,9 @@ class ApiContext:
     signal: OutboxSignal
     stream: StreamConfig
     clock_ms: Callable[[], int]
+    # Brings this process's registry cache up to date; called after every registry write,
+    # before the answer, so a reading that follows the answer is evaluated with the change.
+    registry_changed: Callable[[], Awaitable[object]] = nothing_to_refresh
 
 
 def get_context(request: Request) -> ApiContext:
@@ -43,6 +56,18 @@ async def read_session(context: ContextDep) -> AsyncIterator[AsyncSession]:
     """A read-only transaction for one request, closed before the answer is sent."""
     async with transaction(context.sessions, write=False) as session:
         yield session
+
+
+@asynccontextmanager
+async def registry_write(context: ApiContext) -> AsyncIterator[AsyncSession]:
+    """A registry write transaction whose change this process's cache holds once it ends."""
+    async with transaction(context.sessions) as session:
+        yield session
+    try:
+        await context.registry_changed()
+    except (SQLAlchemyError, OSError, RegistryError):
+        # Committed, but not reloaded: the next poll or notification catches up.
+        logger.exception("registry cache refresh after a write failed")
 
 
 # scope="function": the session ends with the path operation, not after the response.

@@ -155,11 +155,13 @@ class CensusReportOut(BaseModel):
     devices_created: int
     devices_updated: int
     bindings_made: int
+    bindings_ended: int
     rejected_rows: int
     errors: list[CensusRowError]
     ignored_columns: list[str]
     dry_run: bool
     committed: bool
+    summary: str  # the same sentence `smartcover covers import` prints
 
 
 class UnitStats(BaseModel):

@@ -95,6 +95,7 @@ class CensusReport:
     devices_created: int = 0
     devices_updated: int = 0
     bindings_made: int = 0
+    bindings_ended: int = 0  # a sensor replaced on its cover, or moved to another
     rejected_rows: int = 0
     errors: list[RowError] = field(default_factory=list)
     ignored_columns: list[str] = field(default_factory=list)
@@ -811,6 +812,7 @@ async def import_census(
         return report
     plan = _plan(valid, registry, layout.present)
     _count(report, plan)
+    report.bindings_ended = len(_ended_bindings(plan, registry))
     if not dry_run and not plan.empty:
         try:
             await _write(session, plan, registry)
@@ -841,6 +843,37 @@ def _count(report: CensusReport, plan: _Plan) -> None:
     report.bindings_made = len(plan.bindings)
 
 
+def summary(report: CensusReport) -> str:
+    """One sentence saying what the import did (or would do), naming only what happened."""
+    if report.errors and not report.committed and not report.dry_run:
+        return (
+            f"Rejected, nothing written: {report.rejected_rows} of {report.rows} rows"
+            " have problems."
+        )
+    done = [
+        f"{count} {what}"
+        for count, what in (
+            (report.inserted, "covers new"),
+            (report.updated, "covers updated"),
+            (report.roads_created, "roads new"),
+            (report.devices_created, "devices new"),
+            (report.devices_updated, "devices updated"),
+            (report.bindings_made, "devices bound to covers"),
+            (report.bindings_ended, "earlier bindings ended (sensor replaced or moved)"),
+            (report.rejected_rows, "rows rejected and skipped"),
+        )
+        if count
+    ]
+    verb = "would change" if report.dry_run else "changed"
+    if not done or done == [f"{report.rejected_rows} rows rejected and skipped"]:
+        nothing = "Dry run: nothing would change" if report.dry_run else "Nothing changed"
+        return f"{nothing}: all {report.unchanged} valid rows match the registry." + (
+            f" {report.rejected_rows} rows rejected and skipped." if report.rejected_rows else ""
+        )
+    prefix = "Dry run, nothing written" if report.dry_run else "Imported"
+    return f"{prefix}: {report.rows} rows, {report.unchanged} unchanged; {verb}: {', '.join(done)}."
+
+
 __all__ = [
     "CensusFileError",
     "CensusReport",
@@ -849,4 +882,5 @@ __all__ = [
     "import_census",
     "read_census",
     "read_census_file",
+    "summary",
 ]

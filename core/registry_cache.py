@@ -3,6 +3,10 @@
 Look-ups are plain dict reads (no I/O, no await). `refresh()` asks the database for the
 registry version, one tiny query, and reloads everything only when it moved; the new
 maps replace the old ones in one assignment, so a look-up never sees half a reload.
+When it refreshes: right after this process's own registry writes (before the API
+answers), when another process announces a change (PostgreSQL LISTEN/NOTIFY, see
+`core.registry_notify`), on a slow safety poll, and when a reading names a device the
+cache does not know (`refresh_for_unknown`, rate-limited).
 Entries are slotted and share their repeated values (unit codes, roads, thresholds,
 depths), which keeps 100,000 covers in a few tens of MB.
 """
@@ -16,12 +20,12 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Insert, and_, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import and_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from core.db import transaction, utcnow
+from core.clock import wall_clock_ms
+from core.db import transaction
 from core.registry_errors import RegistryError
 from core.registry_models import (
     CoverRow,
@@ -30,7 +34,6 @@ from core.registry_models import (
     RegistryVersionRow,
     RoadRow,
     UnitRow,
-    UnregisteredDeviceRow,
 )
 from core.registry_schemas import ThresholdOverrides
 
@@ -38,10 +41,12 @@ logger = logging.getLogger(__name__)
 
 # Rows fetched per round trip while loading.
 _PARTITION = 5000
-# Devices remembered as already noted; past this, the database alone deduplicates (one
-# query per message of an unknown device, which the broker's ACL should make rare).
-_MAX_NOTED = 100_000
+# The safety poll, for a change whose announcement was missed (SQLite has none at all).
 DEFAULT_REFRESH_S = 5.0
+# At most one registry check on behalf of unknown devices this often: a flood of readings
+# from unregistered devices costs one tiny query per interval, not one per reading, and
+# holds the alert committer back by at most this long.
+UNKNOWN_CHECK_MS = 50
 
 _T = TypeVar("_T", bound=Hashable)
 
@@ -122,8 +127,8 @@ class RegistryCache:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
         self._snapshot = _EMPTY
-        self._noted: set[str] = set()
         self._lock = asyncio.Lock()
+        self._checked_ms = -1  # when the last refresh read the registry version
 
     # -- the hot path (sync, O(1)) ---------------------------------------------------
 
@@ -154,45 +159,24 @@ class RegistryCache:
     def device_count(self) -> int:
         return len(self._snapshot.devices)
 
-    # -- unregistered devices --------------------------------------------------------
-
-    async def note_unregistered(self, device_id: str) -> bool:
-        """Records that an unregistered device was heard; True only the very first time.
-
-        "First" holds across restarts and across workers: the record is a row, inserted
-        once. Registering the device later deletes it, so the device counts as new again.
-        """
-        if device_id in self._noted or device_id in self._snapshot.devices:
-            return False
-        async with transaction(self._sessions) as session:
-            dialect = (await session.connection()).dialect.name
-            statement = _insert_ignoring_duplicates(dialect).values(
-                device_id=device_id, first_seen_at=utcnow()
-            )
-            result = await session.execute(statement)
-        if len(self._noted) < _MAX_NOTED:
-            self._noted.add(device_id)
-        first = bool(getattr(result, "rowcount", 0))
-        if first:
-            logger.warning("device %s is not in the registry (first reading seen)", device_id)
-        return first
-
     # -- loading ---------------------------------------------------------------------
 
     async def refresh(self) -> bool:
         """Reloads when the registry changed since the last load; True if it reloaded."""
         async with self._lock:
+            checked_ms = wall_clock_ms()
             async with transaction(self._sessions, write=False) as session:
                 version = await session.scalar(select(RegistryVersionRow.version))
                 if version is None:
                     raise RegistryError("no registry version row: run `smartcover db upgrade`")
                 if version == self._snapshot.version:
+                    self._checked_ms = checked_ms
                     return False
                 # Read committed: a change committed while we load is partly seen, but it
                 # moved the version past the one read above, so the next refresh reloads.
-                snapshot, noted = await _load(session, version)
+                snapshot = await _load(session, version)
             self._snapshot = snapshot
-            self._noted = noted
+            self._checked_ms = checked_ms
         logger.info(
             "registry cache loaded version %d: %d covers, %d devices",
             version,
@@ -200,6 +184,22 @@ class RegistryCache:
             len(snapshot.devices),
         )
         return True
+
+    async def refresh_for_unknown(self, received_ms: int) -> None:
+        """Before a device is declared unregistered: is the cache older than its reading?
+
+        Nothing to do when a refresh started after the reading arrived (the cache already
+        knows what the registry knew then). Otherwise one refresh, at most one per
+        UNKNOWN_CHECK_MS (waiting out the rest of the interval).
+        """
+        if self._checked_ms >= received_ms:
+            return
+        since_ms = wall_clock_ms() - self._checked_ms
+        if since_ms < UNKNOWN_CHECK_MS:
+            await asyncio.sleep((UNKNOWN_CHECK_MS - since_ms) / 1000)
+            if self._checked_ms >= received_ms:
+                return  # another refresh ran meanwhile
+        await self.refresh()
 
     async def watch(self, stop: asyncio.Event, interval_s: float = DEFAULT_REFRESH_S) -> None:
         """Refreshes every `interval_s` until `stop` is set; a database outage only delays."""
@@ -216,21 +216,12 @@ class RegistryCache:
                 continue
 
 
-def _insert_ignoring_duplicates(dialect: str) -> Insert:
-    if dialect == "postgresql":
-        return postgresql.insert(UnregisteredDeviceRow).on_conflict_do_nothing(
-            index_elements=["device_id"]
-        )
-    return sqlite.insert(UnregisteredDeviceRow).on_conflict_do_nothing(index_elements=["device_id"])
-
-
-async def _load(session: AsyncSession, version: int) -> tuple[_Snapshot, set[str]]:
+async def _load(session: AsyncSession, version: int) -> _Snapshot:
     intern = _Interner()
     covers = await _load_covers(session, intern)
     devices = await _load_devices(session, covers, intern)
     units = await session.scalars(select(UnitRow.code).where(UnitRow.webhook_url.is_not(None)))
-    noted = set(await session.scalars(select(UnregisteredDeviceRow.device_id)))
-    return _Snapshot(version, devices, covers, frozenset(units)), noted
+    return _Snapshot(version, devices, covers, frozenset(units))
 
 
 async def _load_covers(session: AsyncSession, intern: _Interner) -> dict[str, CoverEntry]:

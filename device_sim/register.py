@@ -19,14 +19,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from core.registry_cache import DEFAULT_REFRESH_S
 from device_sim.fleet import MINOR_CLASS_OWNER, PUBLIC_FACILITIES, SimCover
 from device_sim.service_api import ServiceApi
 
 # The registry refuses report intervals under a minute (core.registry_schemas).
 MIN_REPORT_INTERVAL_S = 60
-# The service reloads its registry every DEFAULT_REFRESH_S; a second more for the load.
-PICKUP_S = DEFAULT_REFRESH_S + 1.0
 _UNKNOWN_OWNER_CLASS = "14"
 _UNIT_KINDS = frozenset(MINOR_CLASS_OWNER.values())
 _CENSUS_HEADER = (

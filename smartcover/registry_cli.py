@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from core import db, logs, registry
 from core.census import CensusFileError, CensusReport, RowError, import_census, read_census_file
+from core.census import summary as census_summary
 from core.registry_errors import RegistryError
 from core.registry_schemas import Unit, UnitKind
 from core.settings import Settings
@@ -169,15 +170,7 @@ def _print_report(report: CensusReport, show: int) -> None:
     _print_errors(report.errors, show)
     if report.ignored_columns:
         console.print(f"Ignored columns: {', '.join(report.ignored_columns)}")
-    verdict = "Dry run, nothing written" if report.dry_run else "Imported"
-    if report.errors and not report.committed:
-        verdict = "Rejected, nothing written" if not report.dry_run else verdict
-    console.print(
-        f"{verdict}: {report.rows} rows; covers {report.inserted} new, {report.updated}"
-        f" updated, {report.unchanged} unchanged; {report.rejected_rows} rows rejected;"
-        f" roads {report.roads_created} new; devices {report.devices_created} new,"
-        f" {report.devices_updated} updated; {report.bindings_made} bindings."
-    )
+    console.print(census_summary(report))
 
 
 def _write_errors(path: Path, found: list[RowError]) -> None:

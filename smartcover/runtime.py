@@ -31,7 +31,9 @@ from api.stream import OutboxSignal
 from core.clock import wall_clock_ms
 from core.db import create_engine, session_factory, upgrade
 from core.registry_cache import RegistryCache
+from core.registry_notify import follow_registry
 from core.settings import Settings
+from core.unregistered import UnregisteredLog
 from ingest.bootstrap import IngestParts, build_ingest
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class Service:
     db: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     cache: RegistryCache
+    unregistered: UnregisteredLog
     directory: RegistryDirectory
     engine: AlertEngine
     dispatcher: OutboxDispatcher
@@ -90,7 +93,8 @@ async def build_service(settings: Settings) -> Service:
     cache = RegistryCache(sessions)
     await cache.refresh()
     defaults = Thresholds(tilt_confirm_ms=round(settings.tilt_confirm_s * 1000))
-    directory = RegistryDirectory(cache, defaults)
+    unregistered = UnregisteredLog(sessions, is_registered=lambda d: cache.lookup(d) is not None)
+    directory = RegistryDirectory(cache, defaults, unregistered)
     endpoint = settings.mqtt
     mqtt_notifier = MqttNotifier(
         endpoint, client_id=f"{settings.mqtt_client_id}-notify", protocol=settings.mqtt_protocol
@@ -128,6 +132,7 @@ async def build_service(settings: Settings) -> Service:
         db,
         sessions,
         cache,
+        unregistered,
         directory,
         engine,
         dispatcher,
@@ -162,8 +167,8 @@ async def run_service(
     and the live streams are closed, and is awaited so that it closes its sockets.
     """
     background = [
-        service.cache.watch(stop),
-        service.directory.record_unregistered_forever(),
+        follow_registry(service.cache, service.db, stop),
+        service.unregistered.run(),
         service.engine.run(),
         service.mqtt_notifier.run(),
         service.dispatcher.run(),
@@ -176,6 +181,7 @@ async def run_service(
             api_task = group.create_task(api) if api is not None else None
             await service.ingest.service.run(stop)
             await service.engine.close()
+            await service.unregistered.flush()
             service.outbox_signal.close()  # live streams end, so the API can stop
             if api_task is not None:
                 await api_task

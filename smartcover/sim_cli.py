@@ -502,19 +502,16 @@ def _with_service(
 
 
 async def _register(api: ServiceApi, scenario: Scenario, covers: list[SimCover]) -> None:
-    from device_sim.register import PICKUP_S, register_fleet, service_interval_s  # noqa: PLC0415
+    from device_sim.register import register_fleet, service_interval_s  # noqa: PLC0415
 
     intervals = [
         service_interval_s(scenario.report_interval_s or cover.report_interval_s, scenario.speed)
         for cover in covers
     ]
     done = await register_fleet(api, covers, intervals)
+    # No wait: the service has the new registry before its API answers (and other
+    # processes of it within moments), so the first reading is evaluated.
     console.print(f"registered with {api.base_url}: {done.summary()}")
-    if done.changed:
-        # The service reloads its registry every few seconds; until then the new
-        # devices' readings would be stored but not evaluated.
-        console.print(f"waiting {PICKUP_S:g} s for the service to load its registry")
-        await asyncio.sleep(PICKUP_S)
 
 
 def _report_check(name: str, report: CheckReport) -> None:

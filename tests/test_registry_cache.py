@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core import db, registry
+from core.clock import wall_clock_ms
 from core.registry_cache import RegistryCache
 from core.registry_schemas import (
     CoverCreate,
@@ -20,6 +22,7 @@ from core.registry_schemas import (
     Unit,
     UnitKind,
 )
+from core.unregistered import MAX_PENDING, UnregisteredLog, list_unregistered
 from tests.db_fixtures import BACKENDS, add_units, fresh_database_url, migrated_sessions
 
 pytestmark = pytest.mark.asyncio
@@ -125,34 +128,67 @@ async def test_refresh_reloads_only_when_the_registry_changed(
     assert cache.webhook_units() == frozenset({"GAS"})
 
 
-async def test_an_unregistered_device_is_noted_once_even_across_restarts(
+async def test_unregistered_devices_are_counted_and_listed_until_registered(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     cache = RegistryCache(sessions)
     await cache.refresh()
-    assert await cache.note_unregistered("SC-9999")
-    assert not await cache.note_unregistered("SC-9999")
-    assert not await cache.note_unregistered("SC-0001")  # registered: nothing to note
+    log = UnregisteredLog(sessions, is_registered=lambda d: cache.lookup(d) is not None)
+    log.seen("SC-9999", 1_000_000)
+    log.seen("SC-9999", 1_005_000)
+    log.seen("SC-7777", 1_002_000)
+    assert await log.flush() == 2
+    assert await log.flush() == 0  # nothing new
 
-    restarted = RegistryCache(sessions)
-    await restarted.refresh()
-    assert not await restarted.note_unregistered("SC-9999")
+    # A second process (or a restart) adds to the same rows.
+    other = UnregisteredLog(sessions, is_registered=lambda d: False)
+    other.seen("SC-9999", 1_009_000)
+    await other.flush()
+    async with db.transaction(sessions, write=False) as session:
+        listed = await list_unregistered(session=session, limit=10)
+    assert [(d.device_id, d.readings) for d in listed] == [("SC-9999", 3), ("SC-7777", 1)]
+    nine = listed[0]
+    assert nine.first_seen_at == datetime.fromtimestamp(1_000, tz=UTC)
+    assert nine.last_seen_at == datetime.fromtimestamp(1_009, tz=UTC)
 
-    # Two workers that have never heard of the device: exactly one of them reports it.
-    workers = [RegistryCache(sessions), RegistryCache(sessions)]
-    for worker in workers:
-        await worker.refresh()
-    firsts = await asyncio.gather(*(worker.note_unregistered("SC-7777") for worker in workers))
-    assert sorted(firsts) == [False, True]
-
-    # Once registered, the device is news again should it ever be unknown again.
+    # Registered: off the list, and a count still in memory does not put it back.
+    log.seen("SC-9999", 1_010_000)
     async with db.transaction(sessions) as session:
         await registry.create_device(session=session, device=DeviceCreate(device_id="SC-9999"))
-    await restarted.refresh()
-    assert restarted.lookup("SC-9999") is not None
-    fresh = RegistryCache(sessions)
-    await fresh.refresh()
-    assert not await fresh.note_unregistered("SC-9999")
+    await cache.refresh()
+    await log.flush()
+    async with db.transaction(sessions, write=False) as session:
+        listed = await list_unregistered(session=session, limit=10)
+    assert [d.device_id for d in listed] == ["SC-7777"]
+
+
+async def test_the_count_of_unknown_devices_is_bounded(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    log = UnregisteredLog(sessions, is_registered=lambda d: False)
+    for number in range(MAX_PENDING + 5):
+        log.seen(f"X-{number}", 1_000_000)
+    assert (log.pending, log.overflowed) == (MAX_PENDING, 5)
+
+
+async def test_a_reading_of_a_device_registered_meanwhile_refreshes_the_cache_once(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    cache = RegistryCache(sessions)
+    await cache.refresh()
+    loaded = cache.version
+    async with db.transaction(sessions) as session:  # as another process would
+        await registry.create_device(session=session, device=DeviceCreate(device_id="SC-0003"))
+    arrived_ms = wall_clock_ms()
+    await cache.refresh_for_unknown(arrived_ms)
+    assert cache.version > loaded
+    assert cache.lookup("SC-0003") is not None
+
+    # The cache was checked after that reading arrived: no second query for it.
+    async with db.transaction(sessions) as session:
+        await registry.create_device(session=session, device=DeviceCreate(device_id="SC-0004"))
+    await cache.refresh_for_unknown(arrived_ms)
+    assert cache.lookup("SC-0004") is None
 
 
 async def test_watch_refreshes_until_stopped(sessions: async_sessionmaker[AsyncSession]) -> None:

@@ -25,7 +25,7 @@ import typer
 from typer.testing import CliRunner
 
 from device_sim.fleet import GeneratedFleet, SimCover
-from device_sim.register import PICKUP_S, register_fleet, service_interval_s
+from device_sim.register import register_fleet, service_interval_s
 from device_sim.scenario import load_scenario
 from device_sim.service_api import ServiceApi
 from smartcover.sim_cli import sim
@@ -145,12 +145,11 @@ def service(
 
 
 async def _register(base_url: str, runs: tuple[Run, ...]) -> None:
-    """Every fleet at once, so the service's registry reload is waited for only once."""
+    """Every fleet; the service evaluates their first readings, with no wait for a reload."""
     async with ServiceApi(base_url, api_key=ADMIN_KEY) as api:
         for run in runs:
             done = await register_fleet(api, run.covers(), run.intervals())
             assert done.covers_created == len(run.covers()), done
-    await asyncio.sleep(PICKUP_S)
 
 
 def invoke(service: Service, *args: str, key: str = ADMIN_KEY) -> tuple[int, str]:

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, status
+from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
-from api.deps import AdminKey, ContextDep, DispatcherKey, SessionDep, ViewerKey
+from api.deps import AdminKey, ContextDep, DispatcherKey, SessionDep, ViewerKey, registry_write
 from api.errors import ERRORS, WRITE_ERRORS, Forbidden, TooLarge, Unprocessable, error_doc
 from api.models import Role
 from api.schemas import DEFAULT_LIMIT, CensusReportOut, Limit, Offset, Page, UnitOut, page_of
 from core import registry
-from core.census import import_census, read_census
-from core.db import transaction
+from core.census import import_census, read_census, summary
 from core.registry_schemas import (
     Cover,
     CoverCreate,
     CoverUpdate,
     Device,
+    DeviceBinding,
     DeviceCreate,
     DeviceUpdate,
     Unit,
@@ -25,6 +30,7 @@ from core.registry_schemas import (
     UnitUpdate,
     changes,
 )
+from core.unregistered import UnregisteredDevice, list_unregistered
 
 router = APIRouter(prefix="/api/v1", tags=["registry"], responses=ERRORS)
 
@@ -70,7 +76,7 @@ async def get_unit(*, code: UnitCodePath, _key: ViewerKey, session: SessionDep) 
 @router.post("/units", status_code=status.HTTP_201_CREATED, responses=WRITE_ERRORS)
 async def create_unit(*, unit: Unit, _key: AdminKey, context: ContextDep) -> UnitOut:
     """A unit record of DESIGN §11; the webhook secret is never shown again."""
-    async with transaction(context.sessions) as session:
+    async with registry_write(context) as session:
         return UnitOut.of(await registry.create_unit(session=session, unit=unit))
 
 
@@ -79,7 +85,7 @@ async def update_unit(
     *, code: UnitCodePath, update: UnitUpdate, _key: AdminKey, context: ContextDep
 ) -> UnitOut:
     """Changes the fields given (null clears an optional one)."""
-    async with transaction(context.sessions) as session:
+    async with registry_write(context) as session:
         return UnitOut.of(await registry.update_unit(session=session, code=code, update=update))
 
 
@@ -110,7 +116,7 @@ async def get_cover(*, cover_id: CoverIdPath, _key: ViewerKey, session: SessionD
 
 @router.post("/covers", status_code=status.HTTP_201_CREATED, responses=WRITE_ERRORS)
 async def create_cover(*, cover: CoverCreate, _key: AdminKey, context: ContextDep) -> Cover:
-    async with transaction(context.sessions) as session:
+    async with registry_write(context) as session:
         return await registry.create_cover(session=session, cover=cover)
 
 
@@ -123,20 +129,30 @@ async def update_cover(
     reserved = sorted(ADMIN_COVER_FIELDS & changes(update).keys())
     if reserved and not key.at_least(Role.ADMIN):
         raise Forbidden(f"changing {', '.join(reserved)} needs an admin key")
-    async with transaction(context.sessions) as session:
+    async with registry_write(context) as session:
         return await registry.update_cover(session=session, cover_id=cover_id, update=update)
 
 
 _CENSUS_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "description": "A census file (DESIGN §11): UTF-8 CSV, or XLSX",
+        "description": "A census file (DESIGN §11): UTF-8 CSV, or XLSX; as the raw body, or"
+        " as the `file` field of a form (`curl -F file=@census.xlsx`)",
         "content": {
             "text/csv": {"schema": {"type": "string"}},
             _XLSX: {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            },
         },
     }
 }
+# A form carries one file and a few small fields at most (a browser adds none).
+_MAX_FORM_FIELDS = 8
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -148,6 +164,31 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise TooLarge(f"the file is over {limit // (1024 * 1024)} MiB")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _census_file(request: Request) -> bytes:
+    """The census file: the raw body, or the `file` part of a multipart form."""
+    body = await _read_body(request, MAX_CENSUS_BYTES)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return body
+
+    async def chunks() -> AsyncGenerator[bytes, None]:
+        yield body
+
+    parser = MultiPartParser(request.headers, chunks(), max_files=1, max_fields=_MAX_FORM_FIELDS)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise Unprocessable(f"the form could not be read: {exc.message}", code="bad_form") from exc
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise Unprocessable(
+                "the form has no file named 'file' (curl -F file=@census.xlsx)", code="no_file"
+            )
+        return await upload.read()
+    finally:
+        await form.close()
 
 
 @router.post(
@@ -170,8 +211,8 @@ async def import_covers(
 ) -> CensusReportOut:
     """Imports a census file: every row or none, unless `skip_invalid` (then the valid
     rows, and a report of the rejected ones). Rejected rows answer 422 with the report."""
-    table = read_census(await _read_body(request, MAX_CENSUS_BYTES))
-    async with transaction(context.sessions) as session:
+    table = read_census(await _census_file(request))
+    async with registry_write(context) as session:
         report = await import_census(
             session=session,
             table=table,
@@ -179,7 +220,7 @@ async def import_covers(
             dry_run=dry_run,
             skip_invalid=skip_invalid,
         )
-    out = CensusReportOut.model_validate(report, from_attributes=True)
+    out = CensusReportOut.model_validate({**asdict(report), "summary": summary(report)})
     if report.errors and not skip_invalid:
         raise Unprocessable(
             f"{report.rejected_rows} of {report.rows} rows rejected: nothing imported",
@@ -208,6 +249,16 @@ async def list_devices(
     return page_of(devices, limit=limit, offset=offset)
 
 
+@router.get("/devices/unregistered")
+async def list_unregistered_devices(
+    *, _key: ViewerKey, session: SessionDep, limit: Limit = DEFAULT_LIMIT, offset: Offset = 0
+) -> Page[UnregisteredDevice]:
+    """Devices that published but are not in the registry, the most recently heard first:
+    their readings are stored, and evaluated from the moment the device is registered."""
+    devices = await list_unregistered(session=session, limit=limit + 1, offset=offset)
+    return page_of(devices, limit=limit, offset=offset)
+
+
 @router.get("/devices/{device_id}")
 async def get_device(*, device_id: DeviceIdPath, _key: ViewerKey, session: SessionDep) -> Device:
     return await registry.get_device(session=session, device_id=device_id)
@@ -215,7 +266,7 @@ async def get_device(*, device_id: DeviceIdPath, _key: ViewerKey, session: Sessi
 
 @router.post("/devices", status_code=status.HTTP_201_CREATED, responses=WRITE_ERRORS)
 async def create_device(*, device: DeviceCreate, _key: AdminKey, context: ContextDep) -> Device:
-    async with transaction(context.sessions) as session:
+    async with registry_write(context) as session:
         return await registry.create_device(session=session, device=device)
 
 
@@ -223,5 +274,56 @@ async def create_device(*, device: DeviceCreate, _key: AdminKey, context: Contex
 async def update_device(
     *, device_id: DeviceIdPath, update: DeviceUpdate, _key: AdminKey, context: ContextDep
 ) -> Device:
-    async with transaction(context.sessions) as session:
+    async with registry_write(context) as session:
         return await registry.update_device(session=session, device_id=device_id, update=update)
+
+
+# -- bindings ---------------------------------------------------------------------------
+
+
+class BindingRequest(BaseModel):
+    """The cover a device is (now) mounted on."""
+
+    cover_id: Annotated[str, Field(pattern=COVER_ID, description="16-digit standard number")]
+
+
+@router.put("/devices/{device_id}/binding", responses=WRITE_ERRORS)
+async def bind_device(
+    *, device_id: DeviceIdPath, binding: BindingRequest, _key: DispatcherKey, context: ContextDep
+) -> DeviceBinding:
+    """Mounts the device on a cover: a sensor replaced on a cover, or moved to another.
+
+    What it replaces ends (`replaced`, `moved`) and stays in the history; the cover keeps
+    its readings, and from this answer on the device's readings are the new cover's."""
+    async with registry_write(context) as session:
+        return await registry.bind_device(
+            session=session, device_id=device_id, cover_id=binding.cover_id
+        )
+
+
+@router.delete("/devices/{device_id}/binding", responses=WRITE_ERRORS)
+async def unbind_device(
+    *, device_id: DeviceIdPath, _key: DispatcherKey, context: ContextDep
+) -> DeviceBinding:
+    """Takes the device off its cover (404 when it is on none); its readings are then
+    stored without a cover and evaluated against none."""
+    async with registry_write(context) as session:
+        return await registry.unbind_device(session=session, device_id=device_id)
+
+
+@router.get("/devices/{device_id}/bindings")
+async def device_bindings(
+    *, device_id: DeviceIdPath, _key: ViewerKey, session: SessionDep
+) -> list[DeviceBinding]:
+    """The covers this device was mounted on, oldest first."""
+    await registry.get_device(session=session, device_id=device_id)  # 404 if unknown
+    return await registry.binding_history(session=session, device_id=device_id)
+
+
+@router.get("/covers/{cover_id}/bindings")
+async def cover_bindings(
+    *, cover_id: CoverIdPath, _key: ViewerKey, session: SessionDep
+) -> list[DeviceBinding]:
+    """The devices mounted on this cover over time, oldest first."""
+    await registry.get_cover(session=session, cover_id=cover_id)  # 404 if unknown
+    return await registry.binding_history(session=session, cover_id=cover_id)
