@@ -26,6 +26,7 @@ from api.routes import stats as stats_routes
 from api.routes import stream as stream_routes
 from api.stream import OutboxSignal, StreamConfig
 from core.clock import wall_clock_ms
+from core.registry_cache import RegistryChange
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +51,7 @@ def create_app(
     outbox_signal: OutboxSignal | None = None,
     stream_config: StreamConfig | None = None,
     clock_ms: Callable[[], int] = wall_clock_ms,
-    registry_changed: Callable[[], Awaitable[object]] = nothing_to_refresh,
+    registry_changed: Callable[[RegistryChange], Awaitable[object]] = nothing_to_refresh,
 ) -> FastAPI:
     """The app. Without `sessions` only /healthz, /readyz and /metrics are served (an
     ingest-only process); with them, the whole API. `readings` None: the readings

@@ -20,12 +20,14 @@ from api.models import Role
 from api.readings import ReadingQuery
 from api.stream import OutboxSignal, StreamConfig
 from core.db import transaction
+from core.registry import VERSION_STEPS
+from core.registry_cache import RegistryChange
 from core.registry_errors import RegistryError
 
 logger = logging.getLogger(__name__)
 
 
-async def nothing_to_refresh() -> None:
+async def nothing_to_refresh(_change: RegistryChange) -> None:
     """An API-only process holds no registry cache: other processes are notified."""
 
 
@@ -42,7 +44,7 @@ class ApiContext:
     clock_ms: Callable[[], int]
     # Brings this process's registry cache up to date; called after every registry write,
     # before the answer, so a reading that follows the answer is evaluated with the change.
-    registry_changed: Callable[[], Awaitable[object]] = nothing_to_refresh
+    registry_changed: Callable[[RegistryChange], Awaitable[object]] = nothing_to_refresh
 
 
 def get_context(request: Request) -> ApiContext:
@@ -59,12 +61,17 @@ async def read_session(context: ContextDep) -> AsyncIterator[AsyncSession]:
 
 
 @asynccontextmanager
-async def registry_write(context: ApiContext) -> AsyncIterator[AsyncSession]:
-    """A registry write transaction whose change this process's cache holds once it ends."""
+async def registry_write(
+    context: ApiContext, change: RegistryChange
+) -> AsyncIterator[AsyncSession]:
+    """A registry write transaction whose `change` this process's cache holds once it ends."""
     async with transaction(context.sessions) as session:
         yield session
+        change.steps = session.info.get(VERSION_STEPS, 0)
+    if not change.steps:
+        return  # nothing changed (an update to the same values)
     try:
-        await context.registry_changed()
+        await context.registry_changed(change)
     except (SQLAlchemyError, OSError, RegistryError):
         # Committed, but not reloaded: the next poll or notification catches up.
         logger.exception("registry cache refresh after a write failed")

@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 # The PostgreSQL notification channel on which registry changes are announced.
 REGISTRY_CHANNEL = "smartcover_registry"
+# The session.info key counting this transaction's registry versions.
+VERSION_STEPS = "smartcover_registry_steps"
 
 # -- the change counter -----------------------------------------------------------------
 
@@ -76,6 +78,9 @@ async def bump_version(*, session: AsyncSession) -> None:
         .where(RegistryVersionRow.id == 1)
         .values(version=RegistryVersionRow.version + 1, changed_at=utcnow())
     )
+    # How far this transaction moves the version: a cache that finds the registry moved
+    # by exactly this much after the commit knows nobody else changed it meanwhile.
+    session.info[VERSION_STEPS] = session.info.get(VERSION_STEPS, 0) + 1
     if session.get_bind().dialect.name == "postgresql":
         # One notification per transaction is enough: PostgreSQL folds identical ones.
         await session.execute(select(func.pg_notify(REGISTRY_CHANNEL, "changed")))

@@ -17,7 +17,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sqlalchemy import and_, select
@@ -185,6 +185,31 @@ class RegistryCache:
         )
         return True
 
+    async def apply(self, change: RegistryChange) -> None:
+        """After this process's own registry write (committed): load what it touched.
+
+        A whole reload of a city's registry takes a second or more, too long to make every
+        edit wait for it. When the registry moved by exactly the write's own steps since
+        the cache was loaded, nobody else changed anything, and reloading the touched
+        covers and devices is exact; otherwise (or for a census) everything is reloaded.
+        """
+        if change.everything:
+            await self.refresh()
+            return
+        async with self._lock:
+            checked_ms = wall_clock_ms()
+            async with transaction(self._sessions, write=False) as session:
+                version = await session.scalar(select(RegistryVersionRow.version))
+                if version is None or version != self._snapshot.version + change.steps:
+                    patched = None
+                else:
+                    patched = await _patch(session, self._snapshot, change, version)
+            if patched is not None:
+                self._snapshot = patched
+                self._checked_ms = checked_ms
+        if patched is None:
+            await self.refresh()
+
     async def refresh_for_unknown(self, received_ms: int) -> None:
         """Before a device is declared unregistered: is the cache older than its reading?
 
@@ -216,15 +241,64 @@ class RegistryCache:
                 continue
 
 
+@dataclass(slots=True)
+class RegistryChange:
+    """What one registry write touched, for `RegistryCache.apply`."""
+
+    steps: int = 0  # registry versions the write moved (core.registry.bump_version)
+    covers: set[str] = field(default_factory=set)
+    devices: set[str] = field(default_factory=set)
+    units: bool = False
+    everything: bool = False  # a census import: reload it all
+
+
+async def _patch(
+    session: AsyncSession, old: _Snapshot, change: RegistryChange, version: int
+) -> _Snapshot:
+    """The snapshot with the touched covers and the devices on them reloaded."""
+    intern = _Interner()
+    covers = dict(old.covers)
+    for cover_id, entry in (await _load_covers(session, intern, change.covers)).items():
+        covers[cover_id] = entry
+    # A device is touched when it changed, or when it is (or was) on a touched cover.
+    touched = set(change.devices)
+    if change.covers:
+        touched.update(d for d, b in old.devices.items() if b.cover_id in change.covers)
+        bound = await session.scalars(
+            select(DeviceBindingRow.device_id).where(
+                DeviceBindingRow.cover_id.in_(change.covers),
+                DeviceBindingRow.unbound_at.is_(None),
+            )
+        )
+        touched.update(bound)
+    devices = dict(old.devices)
+    fresh = await _load_devices(session, covers, intern, touched) if touched else {}
+    for device_id in touched:
+        found = fresh.get(device_id)
+        if found is None:
+            devices.pop(device_id, None)
+        else:
+            devices[device_id] = found
+    units = old.webhook_units
+    if change.units:
+        units = frozenset(await _webhook_units(session))
+    return _Snapshot(version, devices, covers, units)
+
+
+async def _webhook_units(session: AsyncSession) -> list[str]:
+    return list(await session.scalars(select(UnitRow.code).where(UnitRow.webhook_url.is_not(None))))
+
+
 async def _load(session: AsyncSession, version: int) -> _Snapshot:
     intern = _Interner()
     covers = await _load_covers(session, intern)
     devices = await _load_devices(session, covers, intern)
-    units = await session.scalars(select(UnitRow.code).where(UnitRow.webhook_url.is_not(None)))
-    return _Snapshot(version, devices, covers, frozenset(units))
+    return _Snapshot(version, devices, covers, frozenset(await _webhook_units(session)))
 
 
-async def _load_covers(session: AsyncSession, intern: _Interner) -> dict[str, CoverEntry]:
+async def _load_covers(
+    session: AsyncSession, intern: _Interner, only: set[str] | None = None
+) -> dict[str, CoverEntry]:
     query = select(
         CoverRow.cover_id,
         CoverRow.owner_unit,
@@ -234,6 +308,8 @@ async def _load_covers(session: AsyncSession, intern: _Interner) -> dict[str, Co
         CoverRow.flood_prone,
         CoverRow.thresholds,
     ).join(RoadRow, RoadRow.id == CoverRow.road_id)
+    if only is not None:
+        query = query.where(CoverRow.cover_id.in_(only))
     covers: dict[str, CoverEntry] = {}
     result = await session.stream(query)
     async for rows in result.partitions(_PARTITION):
@@ -251,7 +327,10 @@ async def _load_covers(session: AsyncSession, intern: _Interner) -> dict[str, Co
 
 
 async def _load_devices(
-    session: AsyncSession, covers: dict[str, CoverEntry], intern: _Interner
+    session: AsyncSession,
+    covers: dict[str, CoverEntry],
+    intern: _Interner,
+    only: set[str] | None = None,
 ) -> dict[str, Binding]:
     query = select(
         DeviceRow.device_id, DeviceRow.report_interval_s, DeviceBindingRow.cover_id
@@ -262,6 +341,8 @@ async def _load_devices(
             DeviceBindingRow.unbound_at.is_(None),
         ),
     )
+    if only is not None:
+        query = query.where(DeviceRow.device_id.in_(only))
     devices: dict[str, Binding] = {}
     result = await session.stream(query)
     async for rows in result.partitions(_PARTITION):

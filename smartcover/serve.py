@@ -55,7 +55,7 @@ def api_server(service: Service, *, full: bool = True) -> ApiServer:
         admin_key=settings.admin_key,
         case_policy=case_policy(settings),
         outbox_signal=service.outbox_signal,
-        registry_changed=service.cache.refresh,
+        registry_changed=service.cache.apply,
     )
     return _uvicorn(app, settings)
 

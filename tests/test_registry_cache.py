@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core import db, registry
 from core.clock import wall_clock_ms
-from core.registry_cache import RegistryCache
+from core.registry_cache import RegistryCache, RegistryChange
 from core.registry_schemas import (
     CoverCreate,
     CoverUpdate,
@@ -208,3 +208,60 @@ async def test_watch_refreshes_until_stopped(sessions: async_sessionmaker[AsyncS
             await asyncio.sleep(0.01)
         stop.set()
     assert cache.lookup("SC-0003") is not None
+
+
+def _view(cache: RegistryCache) -> dict[str, tuple[object, ...] | None]:
+    """What evaluation sees of every device, to compare two caches."""
+    seen: dict[str, tuple[object, ...] | None] = {}
+    for device_id in ("SC-0001", "SC-0002", "SC-0003"):
+        binding = cache.lookup(device_id)
+        seen[device_id] = (
+            None
+            if binding is None
+            else (binding.cover_id, binding.owner_unit, binding.thresholds, binding.cover)
+        )
+    return seen
+
+
+async def test_applying_an_own_write_matches_a_full_reload(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    cache = RegistryCache(sessions)
+    await cache.refresh()
+    overrides = ThresholdOverrides(displacement_raise_mm=30)
+    async with db.transaction(sessions) as session:
+        await registry.update_cover(
+            session=session, cover_id=COVER, update=CoverUpdate(thresholds=overrides)
+        )
+        # SC-0002 replaces SC-0001 on COVER: SC-0001 is on no cover afterwards.
+        await registry.bind_device(session=session, device_id="SC-0002", cover_id=COVER)
+        steps = session.info[registry.VERSION_STEPS]
+    await cache.apply(RegistryChange(steps=steps, covers={COVER}, devices={"SC-0002"}))
+
+    reloaded = RegistryCache(sessions)
+    await reloaded.refresh()
+    assert cache.version == reloaded.version
+    assert _view(cache) == _view(reloaded)
+    moved = cache.lookup("SC-0002")
+    assert moved is not None
+    assert (moved.cover_id, moved.thresholds) == (COVER, overrides)
+    replaced = cache.lookup("SC-0001")
+    assert replaced is not None
+    assert replaced.cover_id is None
+
+
+async def test_a_write_by_someone_else_in_between_makes_apply_reload_everything(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    cache = RegistryCache(sessions)
+    await cache.refresh()
+    async with db.transaction(sessions) as session:  # another process, unannounced
+        await registry.create_device(session=session, device=DeviceCreate(device_id="SC-0003"))
+    async with db.transaction(sessions) as session:  # this process's own write
+        await registry.bind_device(session=session, device_id="SC-0002", cover_id=OTHER)
+        steps = session.info[registry.VERSION_STEPS]
+    await cache.apply(RegistryChange(steps=steps, covers={OTHER}, devices={"SC-0002"}))
+    assert cache.lookup("SC-0003") is not None  # only a full reload knows of it
+    reloaded = RegistryCache(sessions)
+    await reloaded.refresh()
+    assert _view(cache) == _view(reloaded)

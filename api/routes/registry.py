@@ -17,6 +17,7 @@ from api.models import Role
 from api.schemas import DEFAULT_LIMIT, CensusReportOut, Limit, Offset, Page, UnitOut, page_of
 from core import registry
 from core.census import import_census, read_census, summary
+from core.registry_cache import RegistryChange
 from core.registry_schemas import (
     Cover,
     CoverCreate,
@@ -76,7 +77,7 @@ async def get_unit(*, code: UnitCodePath, _key: ViewerKey, session: SessionDep) 
 @router.post("/units", status_code=status.HTTP_201_CREATED, responses=WRITE_ERRORS)
 async def create_unit(*, unit: Unit, _key: AdminKey, context: ContextDep) -> UnitOut:
     """A unit record of DESIGN §11; the webhook secret is never shown again."""
-    async with registry_write(context) as session:
+    async with registry_write(context, RegistryChange(units=True)) as session:
         return UnitOut.of(await registry.create_unit(session=session, unit=unit))
 
 
@@ -85,7 +86,7 @@ async def update_unit(
     *, code: UnitCodePath, update: UnitUpdate, _key: AdminKey, context: ContextDep
 ) -> UnitOut:
     """Changes the fields given (null clears an optional one)."""
-    async with registry_write(context) as session:
+    async with registry_write(context, RegistryChange(units=True)) as session:
         return UnitOut.of(await registry.update_unit(session=session, code=code, update=update))
 
 
@@ -116,7 +117,7 @@ async def get_cover(*, cover_id: CoverIdPath, _key: ViewerKey, session: SessionD
 
 @router.post("/covers", status_code=status.HTTP_201_CREATED, responses=WRITE_ERRORS)
 async def create_cover(*, cover: CoverCreate, _key: AdminKey, context: ContextDep) -> Cover:
-    async with registry_write(context) as session:
+    async with registry_write(context, RegistryChange(covers={cover.cover_id})) as session:
         return await registry.create_cover(session=session, cover=cover)
 
 
@@ -129,7 +130,7 @@ async def update_cover(
     reserved = sorted(ADMIN_COVER_FIELDS & changes(update).keys())
     if reserved and not key.at_least(Role.ADMIN):
         raise Forbidden(f"changing {', '.join(reserved)} needs an admin key")
-    async with registry_write(context) as session:
+    async with registry_write(context, RegistryChange(covers={cover_id})) as session:
         return await registry.update_cover(session=session, cover_id=cover_id, update=update)
 
 
@@ -212,7 +213,7 @@ async def import_covers(
     """Imports a census file: every row or none, unless `skip_invalid` (then the valid
     rows, and a report of the rejected ones). Rejected rows answer 422 with the report."""
     table = read_census(await _census_file(request))
-    async with registry_write(context) as session:
+    async with registry_write(context, RegistryChange(everything=True)) as session:
         report = await import_census(
             session=session,
             table=table,
@@ -266,7 +267,7 @@ async def get_device(*, device_id: DeviceIdPath, _key: ViewerKey, session: Sessi
 
 @router.post("/devices", status_code=status.HTTP_201_CREATED, responses=WRITE_ERRORS)
 async def create_device(*, device: DeviceCreate, _key: AdminKey, context: ContextDep) -> Device:
-    async with registry_write(context) as session:
+    async with registry_write(context, RegistryChange(devices={device.device_id})) as session:
         return await registry.create_device(session=session, device=device)
 
 
@@ -274,7 +275,7 @@ async def create_device(*, device: DeviceCreate, _key: AdminKey, context: Contex
 async def update_device(
     *, device_id: DeviceIdPath, update: DeviceUpdate, _key: AdminKey, context: ContextDep
 ) -> Device:
-    async with registry_write(context) as session:
+    async with registry_write(context, RegistryChange(devices={device_id})) as session:
         return await registry.update_device(session=session, device_id=device_id, update=update)
 
 
@@ -295,7 +296,9 @@ async def bind_device(
 
     What it replaces ends (`replaced`, `moved`) and stays in the history; the cover keeps
     its readings, and from this answer on the device's readings are the new cover's."""
-    async with registry_write(context) as session:
+    async with registry_write(
+        context, RegistryChange(devices={device_id}, covers={binding.cover_id})
+    ) as session:
         return await registry.bind_device(
             session=session, device_id=device_id, cover_id=binding.cover_id
         )
@@ -307,7 +310,7 @@ async def unbind_device(
 ) -> DeviceBinding:
     """Takes the device off its cover (404 when it is on none); its readings are then
     stored without a cover and evaluated against none."""
-    async with registry_write(context) as session:
+    async with registry_write(context, RegistryChange(devices={device_id})) as session:
         return await registry.unbind_device(session=session, device_id=device_id)
 
 
