@@ -56,7 +56,7 @@ class StreamConfig:
     poll_s: float = 0.5  # how stale the stream may be when no one notifies it
     keepalive_s: float = 15.0  # a comment at least this often keeps proxies from closing it
     gap_grace_s: float = 5.0  # how long an id may take to commit before it is skipped
-    queue_events: int = 1000  # how far a client may fall behind before it is cut off
+    queue_events: int = 1000  # how many events a client may hold unsent before it is cut off
 
 
 class OutboxSignal:
@@ -203,7 +203,9 @@ class Subscription:
             return
         if events[0].id <= after:  # joined ahead of the feed (an id from another process)
             events = [event for event in events if event.id > after]
-        if len(self._pending) + len(events) > self._limit:
+        # One read (at most `_BATCH` events) always fits an empty queue: only a client
+        # still holding earlier events is behind.
+        if self._pending and len(self._pending) + len(events) > self._limit:
             logger.info("live stream client cut off: more than %d events behind", self._limit)
             self._pending.clear()  # it resumes from the database: drop, do not hold
             self.end(f"too slow: more than {self._limit} events behind; reconnect with"
