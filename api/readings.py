@@ -4,6 +4,10 @@ The HTTP layer only parses and bounds the window; a `ReadingQuery` answers it. I
 answers with InfluxQL whose every value (cover, times, bucket width, limit) is a bound
 parameter, so no text from a request ever becomes query text. The embedded store
 implements the same protocol.
+
+Raw readings are kept for the retention period only (`core.retention`); buckets of whole
+hours that start before that horizon are answered from the hourly aggregates, kept
+forever, and the rest from the raw readings (`split_at_horizon`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -18,7 +23,14 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from api.errors import BadRequest
-from core.timeseries import MEASUREMENT, InfluxStore, StoreUnavailable
+from core.clock import wall_clock_ms
+from core.timeseries import (
+    HOURLY_MEASUREMENT,
+    HOURLY_POLICY,
+    MEASUREMENT,
+    InfluxStore,
+    StoreUnavailable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +49,7 @@ MAX_EVERY_S = 86_400
 EARLIEST = datetime(1970, 1, 2, tzinfo=UTC)
 LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 _NS_PER_MS = 1_000_000
+HOUR_MS = 3_600_000
 
 
 class FieldValues(BaseModel):
@@ -57,7 +70,10 @@ class ReadingPoint(FieldValues):
 
 
 class ReadingBucket(BaseModel):
-    """Readings in [time_ms, time_ms + every): how many, the mean and the max per field."""
+    """Readings in [time_ms, time_ms + every): how many, the mean and the max per field.
+
+    A bucket answered from hourly aggregates (older than the raw retention) counts whole
+    hours, and its mean is the mean of the hourly means (each hour weighs the same)."""
 
     time_ms: int
     readings: int
@@ -143,6 +159,32 @@ def check_window(start: datetime, end: datetime, every_s: int | None) -> None:
         )
 
 
+def split_at_horizon(
+    window: ReadingWindow, every_s: int, horizon_ms: int
+) -> tuple[ReadingWindow | None, ReadingWindow | None]:
+    """The part of the window answered from hourly aggregates, and the part from raw
+    readings. Aggregates serve whole-hour buckets that start before the raw horizon, so
+    no bucket mixes the two; sub-hour buckets come from raw readings only (older ones
+    are gone: the answer has no buckets there)."""
+    every_ms = every_s * 1000
+    if every_ms % HOUR_MS:
+        return None, window
+    cut = -(-horizon_ms // every_ms) * every_ms  # the first bucket start at or after it
+    if window.start_ms >= cut:
+        return None, window
+    if window.end_ms <= cut:
+        return window, None
+    old = ReadingWindow(window.cover_id, window.start_ms, cut)
+    return old, ReadingWindow(window.cover_id, cut, window.end_ms)
+
+
+def whole_hours(window: ReadingWindow) -> ReadingWindow:
+    """The window from the start of its first hour: aggregates are stamped on the hour."""
+    return ReadingWindow(
+        window.cover_id, window.start_ms - window.start_ms % HOUR_MS, window.end_ms
+    )
+
+
 # -- InfluxDB ---------------------------------------------------------------------------
 
 _RAW = (
@@ -156,6 +198,17 @@ _BUCKETS = (
     " WHERE cover_id = $cover_id AND time >= $start AND time < $end"
     " GROUP BY time($every) fill(none)"
 )
+_HOURLY_AGGREGATES = ", ".join(
+    f"mean({f}_mean) AS {f}_mean, max({f}_max) AS {f}_max" for f in FIELDS
+)
+_HOURLY_BUCKETS = (
+    f"SELECT sum(readings) AS readings, {_HOURLY_AGGREGATES}"  # noqa: S608 -- constants
+    f' FROM "{HOURLY_POLICY}".{HOURLY_MEASUREMENT}'
+    " WHERE cover_id = $cover_id AND time >= $start AND time < $end"
+    " GROUP BY time($every) fill(none)"
+)
+# Answers that mean "nothing stored yet" rather than a failure.
+_NOTHING_YET = ("database not found", "retention policy not found")
 
 
 def _rows(answer: Any) -> list[dict[str, Any]]:
@@ -163,8 +216,8 @@ def _rows(answer: Any) -> list[dict[str, Any]]:
     result = (answer.get("results") or [{}])[0]
     error = result.get("error")
     if error:
-        if str(error).startswith("database not found"):
-            logger.warning("InfluxDB: %s (no readings written yet?)", error)
+        if str(error).startswith(_NOTHING_YET):
+            logger.warning("InfluxDB: %s (nothing written or set up yet?)", error)
             return []
         raise StoreUnavailable(f"InfluxDB refused the query: {str(error)[:200]}")
     return [
@@ -177,8 +230,9 @@ def _rows(answer: Any) -> list[dict[str, Any]]:
 class InfluxReadingQuery:
     """`ReadingQuery` on InfluxDB 1.x (or the v1 API of 2.x/3.x) through `InfluxStore`."""
 
-    def __init__(self, store: InfluxStore) -> None:
+    def __init__(self, store: InfluxStore, *, clock_ms: Callable[[], int] = wall_clock_ms) -> None:
         self._store = store
+        self._clock_ms = clock_ms
 
     @staticmethod
     def _params(window: ReadingWindow) -> dict[str, Any]:
@@ -203,9 +257,21 @@ class InfluxReadingQuery:
         ]
 
     async def buckets(self, window: ReadingWindow, *, every_s: int) -> list[ReadingBucket]:
+        horizon = self._clock_ms() - self._store.raw_retention_ms
+        old, recent = split_at_horizon(window, every_s, horizon)
+        found = []
+        if old is not None:
+            found += await self._buckets(_HOURLY_BUCKETS, whole_hours(old), every_s)
+        if recent is not None:
+            found += await self._buckets(_BUCKETS, recent, every_s)
+        return found
+
+    async def _buckets(
+        self, query: str, window: ReadingWindow, every_s: int
+    ) -> list[ReadingBucket]:
         # A typed parameter: InfluxQL's GROUP BY time() takes only a duration literal.
         params = {**self._params(window), "every": {"duration": f"{every_s}s"}}
-        answer = await self._store.query(_BUCKETS, params=params)
+        answer = await self._store.query(query, params=params)
         return [
             ReadingBucket(
                 time_ms=row["time"],

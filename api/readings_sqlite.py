@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from api.readings import FieldValues, ReadingBucket, ReadingPoint, ReadingQuery, ReadingWindow
+from api.readings import (
+    FieldValues,
+    ReadingBucket,
+    ReadingPoint,
+    ReadingQuery,
+    ReadingWindow,
+    split_at_horizon,
+    whole_hours,
+)
+from core.clock import wall_clock_ms
 from core.timeseries_sqlite import FIELDS, SqliteReadingStore
 
 _RAW = (
@@ -22,6 +32,15 @@ _BUCKETS = (
     " FROM cover_reading WHERE cover_id = ? AND ts_ms >= ? AND ts_ms < ?"
     " GROUP BY bucket ORDER BY bucket"
 )
+# The same buckets from the hourly aggregates (older than the raw retention).
+_HOURLY_BUCKETS = (
+    "SELECT (hour_ms / ?) * ? AS bucket, sum(readings), "  # noqa: S608 -- constants
+    + ", ".join(f"avg({f}_mean)" for f in FIELDS)
+    + ", "
+    + ", ".join(f"max({f}_max)" for f in FIELDS)
+    + " FROM cover_reading_hourly WHERE cover_id = ? AND hour_ms >= ? AND hour_ms < ?"
+    " GROUP BY bucket ORDER BY bucket"
+)
 
 
 def _values(row: tuple[Any, ...]) -> FieldValues:
@@ -29,8 +48,11 @@ def _values(row: tuple[Any, ...]) -> FieldValues:
 
 
 class SqliteReadingQuery:
-    def __init__(self, store: SqliteReadingStore) -> None:
+    def __init__(
+        self, store: SqliteReadingStore, *, clock_ms: Callable[[], int] = wall_clock_ms
+    ) -> None:
         self._store = store
+        self._clock_ms = clock_ms
 
     async def points(self, window: ReadingWindow, *, limit: int) -> list[ReadingPoint]:
         rows = await self._store.query(
@@ -47,9 +69,19 @@ class SqliteReadingQuery:
         ]
 
     async def buckets(self, window: ReadingWindow, *, every_s: int) -> list[ReadingBucket]:
+        horizon = self._clock_ms() - self._store.raw_retention_ms
+        old, recent = split_at_horizon(window, every_s, horizon)
+        found = []
+        if old is not None:
+            found += await self._buckets(_HOURLY_BUCKETS, whole_hours(old), every_s)
+        if recent is not None:
+            found += await self._buckets(_BUCKETS, recent, every_s)
+        return found
+
+    async def _buckets(self, sql: str, window: ReadingWindow, every_s: int) -> list[ReadingBucket]:
         width = every_s * 1000
         rows = await self._store.query(
-            _BUCKETS, (width, width, window.cover_id, window.start_ms, window.end_ms)
+            sql, (width, width, window.cover_id, window.start_ms, window.end_ms)
         )
         return [
             ReadingBucket(

@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     influx_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     # The embedded time-series store, used when SMARTCOVER_INFLUX_URL is empty.
     timeseries_path: Path = Path("./smartcover-ts.db")
+    # Raw readings are kept this long (a rainy season plus a year to compare it with);
+    # hourly aggregates forever. Above 9: hours are aggregated once no late reading can
+    # come (the 7-day stale limit), before their raw readings go.
+    retention_raw_days: Annotated[int, Field(ge=10, le=36500)] = 400
 
     database_url: str = "sqlite:///./smartcover.db"
     spool_dir: Path = Path("./spool")

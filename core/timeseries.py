@@ -16,6 +16,10 @@ from core.settings import Settings
 logger = logging.getLogger(__name__)
 
 MEASUREMENT = "cover_reading"
+# Hourly aggregates of `cover_reading`, kept forever in a retention policy of their own.
+HOURLY_MEASUREMENT = "cover_reading_hourly"
+HOURLY_POLICY = "forever"
+DAY_MS = 86_400_000
 _TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ "})
 # Longest error text from the store we keep in a log line or dead letter.
 _MAX_ERROR_TEXT = 300
@@ -105,6 +109,7 @@ class InfluxConfig:
     password: str = ""
     create_database: bool = True
     timeout_s: float = 10.0
+    raw_retention_days: int = 400
 
     @classmethod
     def from_settings(cls, settings: Settings) -> InfluxConfig:
@@ -116,6 +121,7 @@ class InfluxConfig:
             password=settings.influx_password.get_secret_value(),
             create_database=settings.influx_create_db,
             timeout_s=settings.influx_timeout_s,
+            raw_retention_days=settings.retention_raw_days,
         )
 
 
@@ -154,6 +160,15 @@ class InfluxStore:
     @property
     def database(self) -> str:
         return self._config.database
+
+    @property
+    def config(self) -> InfluxConfig:
+        return self._config
+
+    @property
+    def raw_retention_ms(self) -> int:
+        """How far back raw readings are kept; older ones only as hourly aggregates."""
+        return self._config.raw_retention_days * DAY_MS
 
     def encode(self, readings: Sequence[Reading], cover_ids: Sequence[str | None]) -> list[bytes]:
         return [line_of(reading, cover) for reading, cover in zip(readings, cover_ids, strict=True)]
@@ -210,6 +225,16 @@ class InfluxStore:
             request_params["params"] = json.dumps(params)  # InfluxQL bound parameters
         try:
             response = await self._http.get("/query", params=request_params)
+        except httpx.HTTPError as exc:
+            raise StoreUnavailable(f"InfluxDB unreachable: {exc}") from exc
+        self._raise_for(response)
+        return response.json()
+
+    async def execute(self, influxql: str) -> Any:
+        """Runs a statement that changes something (POST /query: DDL, SELECT INTO)."""
+        data = {"db": self._config.database, "q": influxql}
+        try:
+            response = await self._http.post("/query", data=data)
         except httpx.HTTPError as exc:
             raise StoreUnavailable(f"InfluxDB unreachable: {exc}") from exc
         self._raise_for(response)

@@ -9,14 +9,15 @@ pilot; InfluxDB is the production store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from core.contract import Reading
-from core.timeseries import MEASUREMENT, StoreRejected, StoreUnavailable, line_of
+from core.timeseries import DAY_MS, MEASUREMENT, StoreRejected, StoreUnavailable, line_of
 
 FIELDS = ("tilt_deg", "displacement_mm", "water_level_cm", "battery_v", "rssi_dbm", "temperature_c")
 _SCHEMA = f"""
@@ -29,6 +30,23 @@ CREATE TABLE IF NOT EXISTS cover_reading (
     PRIMARY KEY (device_id, ts_ms)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS cover_reading_cover ON cover_reading (cover_id, ts_ms);
+-- Pruning walks the oldest hours of every device.
+CREATE INDEX IF NOT EXISTS cover_reading_time ON cover_reading (ts_ms);
+-- Hourly aggregates, kept forever; cover_id '' for a device bound to no cover.
+CREATE TABLE IF NOT EXISTS cover_reading_hourly (
+    device_id TEXT NOT NULL,
+    hour_ms INTEGER NOT NULL,
+    cover_id TEXT NOT NULL,
+    readings INTEGER NOT NULL,
+    {", ".join(f"{name}_mean REAL, {name}_max REAL, {name}_last REAL" for name in FIELDS)},
+    PRIMARY KEY (device_id, hour_ms, cover_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS cover_reading_hourly_cover
+    ON cover_reading_hourly (cover_id, hour_ms);
+CREATE TABLE IF NOT EXISTS retention_state (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 """
 _INSERT = (
     "INSERT OR REPLACE INTO cover_reading (device_id, ts_ms, cover_id, tilt_deg,"
@@ -36,6 +54,27 @@ _INSERT = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _PREFIX = MEASUREMENT.encode() + b","
+HOUR_MS = 3_600_000
+# The last non-null value of a field in the hour, as InfluxDB's last() gives it.
+_LAST = (
+    "(SELECT r.{f} FROM cover_reading r WHERE r.device_id = g.device_id"
+    " AND r.ts_ms >= g.hour_ms AND r.ts_ms < g.hour_ms + 3600000"
+    " AND coalesce(r.cover_id, '') = g.cover_id AND r.{f} IS NOT NULL"
+    " ORDER BY r.ts_ms DESC LIMIT 1)"
+)
+_AGGREGATE = f"""
+INSERT OR REPLACE INTO cover_reading_hourly
+SELECT g.device_id, g.hour_ms, g.cover_id, g.readings,
+    {", ".join(f"g.{f}_mean, g.{f}_max, {_LAST.format(f=f)}" for f in FIELDS)}
+FROM (
+    SELECT device_id, (ts_ms / 3600000) * 3600000 AS hour_ms, coalesce(cover_id, '') AS cover_id,
+        count(*) AS readings,
+        {", ".join(f"avg({f}) AS {f}_mean, max({f}) AS {f}_max" for f in FIELDS)}
+    FROM cover_reading WHERE ts_ms >= ? AND ts_ms < ?
+    GROUP BY device_id, hour_ms, coalesce(cover_id, '')
+) AS g
+"""  # noqa: S608 -- built from constants only
+_AGGREGATED_THROUGH = "aggregated_through_ms"
 
 
 def _unescape(text: str) -> str:
@@ -62,9 +101,10 @@ def parse_point(line: bytes) -> tuple[Any, ...]:
 class SqliteReadingStore:
     """A `ReadingStore` in one SQLite file; all file work runs in a worker thread."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, raw_retention_days: int = 400) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._path = path
+        self.raw_retention_ms = raw_retention_days * DAY_MS
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -102,6 +142,70 @@ class SqliteReadingStore:
 
     async def ping(self) -> None:
         await self.query("SELECT 1")
+
+    async def aggregate_hours(self, *, until_ms: int, max_hours: int) -> int:
+        """Aggregates the next hours not yet aggregated, before `until_ms` and at most
+        `max_hours` of them, in one short transaction; returns how many hours it did."""
+        return await asyncio.to_thread(self._aggregate_next, until_ms, max_hours)
+
+    def _aggregate_next(self, until_ms: int, max_hours: int) -> int:
+        with self._lock, self._transaction():
+            start = self._aggregated_through()
+            if start is None or start >= until_ms:
+                return 0
+            end = min(until_ms - until_ms % HOUR_MS, start + max_hours * HOUR_MS)
+            if end <= start:
+                return 0
+            self._db.execute(_AGGREGATE, (start, end))
+            self._db.execute(
+                "INSERT OR REPLACE INTO retention_state VALUES (?, ?)", (_AGGREGATED_THROUGH, end)
+            )
+            return (end - start) // HOUR_MS
+
+    def _aggregated_through(self) -> int | None:
+        """Where aggregation goes on: the saved mark, else the hour of the oldest reading."""
+        row = self._db.execute(
+            "SELECT value FROM retention_state WHERE name = ?", (_AGGREGATED_THROUGH,)
+        ).fetchone()
+        if row is not None:
+            return int(row[0])
+        oldest = self._db.execute("SELECT min(ts_ms) FROM cover_reading").fetchone()[0]
+        return None if oldest is None else int(oldest) - int(oldest) % HOUR_MS
+
+    async def prune_hour(self, *, before_ms: int) -> int:
+        """Deletes the raw readings of the oldest hour that ends by `before_ms`, after
+        aggregating that hour again (a reading stored late is counted); returns the rows
+        deleted, 0 when nothing is that old."""
+        return await asyncio.to_thread(self._prune_oldest_hour, before_ms)
+
+    def _prune_oldest_hour(self, before_ms: int) -> int:
+        with self._lock, self._transaction():
+            oldest = self._db.execute("SELECT min(ts_ms) FROM cover_reading").fetchone()[0]
+            if oldest is None:
+                return 0
+            hour = int(oldest) - int(oldest) % HOUR_MS
+            if hour + HOUR_MS > before_ms:
+                return 0
+            self._db.execute(_AGGREGATE, (hour, hour + HOUR_MS))
+            deleted = self._db.execute(
+                "DELETE FROM cover_reading WHERE ts_ms >= ? AND ts_ms < ?", (hour, hour + HOUR_MS)
+            ).rowcount
+            return int(deleted)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction, rolled back on any error; SQLite's errors translated."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"embedded store: {exc}") from exc
 
     async def close(self) -> None:
         with self._lock:

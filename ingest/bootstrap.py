@@ -37,7 +37,9 @@ def deadletter_log(settings: Settings) -> DeadLetterLog:
 def build_store(settings: Settings) -> ReadingStore:
     """InfluxDB when SMARTCOVER_INFLUX_URL is set, else the embedded SQLite store."""
     if not settings.influx_url:
-        return SqliteReadingStore(settings.timeseries_path)
+        return SqliteReadingStore(
+            settings.timeseries_path, raw_retention_days=settings.retention_raw_days
+        )
     return InfluxStore(InfluxConfig.from_settings(settings))
 
 

@@ -32,6 +32,7 @@ from core.clock import wall_clock_ms
 from core.db import create_engine, session_factory, upgrade
 from core.registry_cache import RegistryCache
 from core.registry_notify import follow_registry
+from core.retention import keep_retention
 from core.settings import Settings
 from core.unregistered import UnregisteredLog
 from ingest.bootstrap import IngestParts, build_ingest
@@ -173,6 +174,7 @@ async def run_service(
         service.mqtt_notifier.run(),
         service.dispatcher.run(),
         _watch_database(service),
+        keep_retention(service.ingest.store, service.metrics_registry),
         *(extra or []),
     ]
     try:
