@@ -17,6 +17,7 @@ from rich.table import Table
 from core import logs
 from core.settings import Settings
 from ingest.bootstrap import ConfigurationError, deadletter_log
+from smartcover.backup_cli import backup_command, restore_command
 from smartcover.devices_cli import app as devices_app
 from smartcover.keys_cli import app as keys_app
 from smartcover.registry_cli import covers_app, db_app, units_app
@@ -33,6 +34,8 @@ app.add_typer(db_app, name="db", help="The relational store: migrations.")
 app.add_typer(devices_app, name="devices", help="Sensor credentials and the broker's files.")
 app.add_typer(keys_app, name="keys", help="API keys and their roles.")
 app.command()(sim)
+app.command("backup")(backup_command)
+app.command("restore")(restore_command)
 console = Console()
 
 
