@@ -24,6 +24,7 @@ from core.timeseries import (
     HOURLY_POLICY,
     MEASUREMENT,
     InfluxStore,
+    StoreRejected,
     StoreUnavailable,
 )
 
@@ -92,7 +93,10 @@ def _result(answer: Any) -> dict[str, Any]:
         text = str(error)
         if "not authorized" in text or "requires admin" in text:
             raise RetentionNotPermitted(text)
-        raise StoreUnavailable(f"InfluxDB refused a retention statement: {text[:200]}")
+        if text.startswith("database not found"):  # not created yet: the writer alarms
+            raise StoreUnavailable(f"InfluxDB: {text[:200]}")
+        # Asking again would not help (a 2.x/3.x v1 endpoint without retention DDL, say).
+        raise StoreRejected(f"InfluxDB refused a retention statement: {text[:200]}")
     return result
 
 

@@ -348,3 +348,25 @@ async def test_sqlite_answers_a_long_range_from_aggregates(
 
     assert (body["every_s"], body["points"], body["truncated"]) == (86_400, [], False)
     assert body["buckets"] == _expected_buckets()
+
+
+async def test_a_store_without_retention_statements_is_reported_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The one seam: an InfluxDB v1-compatible endpoint (2.x/3.x) that refuses retention DDL.
+    def refuse(request: httpx.Request) -> httpx.Response:
+        error = {"error": "statement not supported: SHOW RETENTION POLICIES"}
+        return httpx.Response(200, json={"results": [{"statement_id": 0, **error}]})
+
+    store = InfluxStore(
+        InfluxConfig(url="http://influx.invalid", database="pilot", create_database=False),
+        transport=httpx.MockTransport(refuse),
+    )
+    metrics = RetentionMetrics(CollectorRegistry())
+    try:
+        with caplog.at_level(logging.ERROR, logger="core.retention"):
+            outcome = await set_up_influx(store, metrics)
+    finally:
+        await store.close()
+    assert outcome is None
+    assert "statement not supported" in caplog.text
