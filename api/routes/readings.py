@@ -46,7 +46,9 @@ async def cover_readings(
     ] = None,
 ) -> ReadingSeries:
     """Raw readings (at most 7 days) or, with `every`, buckets (at most 92 days and 2 000
-    buckets). Buckets start at multiples of `every` since the epoch (UTC)."""
+    buckets). Buckets start at multiples of `every` since the epoch (UTC). Raw readings
+    are kept for the retention period (SMARTCOVER_RETENTION_RAW_DAYS); whole-hour buckets
+    that start before it come from hourly aggregates, kept forever."""
     every_s = parse_every(every) if every is not None else None
     require_zone(start=start, end=end)  # before any arithmetic: naive and aware do not mix
     if end is None:
