@@ -864,14 +864,14 @@ def summary(report: CensusReport) -> str:
         )
         if count
     ]
-    verb = "would change" if report.dry_run else "changed"
     if not done or done == [f"{report.rejected_rows} rows rejected and skipped"]:
         nothing = "Dry run: nothing would change" if report.dry_run else "Nothing changed"
         return f"{nothing}: all {report.unchanged} valid rows match the registry." + (
             f" {report.rejected_rows} rows rejected and skipped." if report.rejected_rows else ""
         )
-    prefix = "Dry run, nothing written" if report.dry_run else "Imported"
-    return f"{prefix}: {report.rows} rows, {report.unchanged} unchanged; {verb}: {', '.join(done)}."
+    prefix = "Dry run (nothing written)" if report.dry_run else "Imported"
+    unchanged = f"; {report.unchanged} covers unchanged" if report.unchanged else ""
+    return f"{prefix} {report.rows} rows: {', '.join(done)}{unchanged}."
 
 
 __all__ = [

@@ -16,7 +16,14 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core import db, registry
-from core.census import CensusFileError, CensusReport, RowError, import_census, read_census
+from core.census import (
+    CensusFileError,
+    CensusReport,
+    RowError,
+    import_census,
+    read_census,
+    summary,
+)
 from core.registry_models import CoverRow, DeviceBindingRow, DeviceRow, RoadRow
 from core.registry_schemas import CoverState, CoverUpdate, EndReason, RoadCreate, ThresholdOverrides
 from tests.db_fixtures import BACKENDS, add_units, fresh_database_url, migrated_sessions
@@ -395,7 +402,12 @@ async def test_census_moves_and_replaces_devices_with_history(
     ]
     report = await run_import(sessions, csv_bytes(ENGLISH, rows))
 
-    assert (report.devices_created, report.bindings_made) == (1, 2)
+    # One binding ends: SC-0002 leaves the storm cover, which SC-0003 takes.
+    assert (report.devices_created, report.bindings_made, report.bindings_ended) == (1, 2, 1)
+    assert summary(report) == (
+        "Imported 3 rows: 1 devices new, 2 devices bound to covers,"
+        " 1 earlier bindings ended (sensor replaced or moved); 3 covers unchanged."
+    )
     async with db.transaction(sessions, write=False) as session:
         storm = await registry.binding_history(session=session, cover_id="4112030103000001")
         moved = await registry.get_device(session=session, device_id="SC-0002")

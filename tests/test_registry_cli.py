@@ -74,7 +74,9 @@ def test_units_and_a_census_from_the_command_line(runner: CliRunner, tmp_path: P
 
     imported = runner.invoke(cli(), ["covers", "import", str(write(census, HEADER, GOOD))])
     assert imported.exit_code == 0, imported.output
-    assert "covers 1 new" in imported.output
+    assert "Imported 1 rows: 1 covers new, 1 roads new, 1 devices new" in imported.output
+    again = runner.invoke(cli(), ["covers", "import", str(census)])
+    assert "Nothing changed: all 1 valid rows match the registry." in again.output
     listed = runner.invoke(cli(), ["covers", "list", "--owner", "WATER"])
     assert "4112030101000001" in listed.output
     assert "SC-0001" in listed.output
