@@ -11,6 +11,8 @@ from urllib.parse import unquote, urlsplit
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.broker_auth import MIN_CREW_KEY_CHARS
+
 # An MQTT client id that also works as a Mosquitto ACL pattern: no wildcards, no slash.
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # Shortest bootstrap admin key accepted outside development (128 bits of base64 text).
@@ -123,12 +125,42 @@ class Settings(BaseSettings):
     # An unacknowledged critical case is notified again this often (a bounded rate).
     renotify_every_s: Annotated[float, Field(ge=60)] = 300.0
 
+    # `smartcover devices …` only: the broker's files and how to make it re-read them
+    # (flags override). Unset ACL template: the project's `mosquitto/acl`.
+    broker_password_file: Path | None = None
+    broker_acl_file: Path | None = None
+    broker_acl_template: Path | None = None
+    broker_pid_file: Path | None = None
+    broker_reload_cmd: str | None = None
+    # Crews' broker passwords derive from it; empty: no crews. Never a flag (`ps` shows those).
+    broker_crew_key: SecretStr = SecretStr("")
+
     @field_validator("mqtt_client_id")
     @classmethod
     def _client_id_is_fixed(cls, value: str) -> str:
         # A persistent session is found again by its client id: it must be set and stable.
         if not _CLIENT_ID.match(value):
             raise ValueError("must be 1-64 characters of [A-Za-z0-9_.-] (persistent session id)")
+        return value
+
+    @field_validator(
+        "broker_password_file",
+        "broker_acl_file",
+        "broker_acl_template",
+        "broker_pid_file",
+        "broker_reload_cmd",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `VAR=` in a .env or compose file means "not set", not the current directory.
+        return None if value == "" else value
+
+    @field_validator("broker_crew_key")
+    @classmethod
+    def _crew_key_is_long(cls, value: SecretStr) -> SecretStr:
+        if 0 < len(value.get_secret_value()) < MIN_CREW_KEY_CHARS:
+            raise ValueError(f"must be at least {MIN_CREW_KEY_CHARS} characters, or empty")
         return value
 
     @field_validator("mqtt_url")

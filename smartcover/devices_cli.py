@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +27,14 @@ app = typer.Typer(
 console = Console()
 errors = Console(stderr=True)
 
-# Environment variables of these commands' options. They are not settings: nothing but
-# these commands reads them (see docker-compose.yml, service `broker-auth`).
+# The settings these commands' options default to (see docker-compose.yml, service
+# `broker-auth`); named here for the messages that point to them.
 PWFILE_ENV = "SMARTCOVER_BROKER_PASSWORD_FILE"
 ACL_FILE_ENV = "SMARTCOVER_BROKER_ACL_FILE"
 ACL_TEMPLATE_ENV = "SMARTCOVER_BROKER_ACL_TEMPLATE"
 PID_FILE_ENV = "SMARTCOVER_BROKER_PID_FILE"
 RELOAD_CMD_ENV = "SMARTCOVER_BROKER_RELOAD_CMD"
-# Read from the environment only, never a flag: a flag would show in `ps` and shell history.
+# A setting only, never a flag: a flag would show in `ps` and shell history.
 CREW_KEY_ENV = "SMARTCOVER_BROKER_CREW_KEY"
 ENVVARS = frozenset(
     {PWFILE_ENV, ACL_FILE_ENV, ACL_TEMPLATE_ENV, PID_FILE_ENV, RELOAD_CMD_ENV, CREW_KEY_ENV}
@@ -49,21 +48,17 @@ EXIT_UNUSABLE = 2
 _T = TypeVar("_T")
 
 PasswordFileOpt = Annotated[
-    Path,
-    typer.Option(
-        envvar=PWFILE_ENV,
-        help="The broker's password file (Mosquitto `password_file`).",
-    ),
+    Path | None,
+    typer.Option(help=f"The broker's password file (Mosquitto `password_file`) [{PWFILE_ENV}]."),
 ]
 PidFileOpt = Annotated[
     Path | None,
-    typer.Option(envvar=PID_FILE_ENV, help="Reload the broker by SIGHUP to the pid in this file."),
+    typer.Option(help=f"Reload the broker by SIGHUP to the pid in this file [{PID_FILE_ENV}]."),
 ]
 ReloadCmdOpt = Annotated[
     str | None,
     typer.Option(
-        envvar=RELOAD_CMD_ENV,
-        help="Reload the broker with this command instead (run without a shell).",
+        help=f"Reload the broker with this command instead (no shell) [{RELOAD_CMD_ENV}].",
     ),
 ]
 
@@ -103,10 +98,20 @@ def _run(
         raise _fail(f"Database {settings.database_url.split('@')[-1]}: {exc}") from None
 
 
-def _reload(pid_file: Path | None, reload_cmd: str | None) -> None:
+def _password_file(flag: Path | None, settings: Settings) -> Path:
+    found = flag or settings.broker_password_file
+    if found is None:
+        raise _fail(f"Which password file? Give --password-file or set {PWFILE_ENV}.")
+    return found
+
+
+def _reload(settings: Settings, pid_file: Path | None, reload_cmd: str | None) -> None:
     """Reloads the broker if told how; exits with EXIT_NOT_RELOADED if that fails."""
     try:
-        how = broker_auth.reload_broker(pid_file=pid_file, reload_cmd=reload_cmd)
+        how = broker_auth.reload_broker(
+            pid_file=pid_file or settings.broker_pid_file,
+            reload_cmd=reload_cmd or settings.broker_reload_cmd,
+        )
     except BrokerAuthError as exc:
         errors.print(f"[red]The broker was not reloaded: {exc}[/red]", highlight=False)
         raise typer.Exit(EXIT_NOT_RELOADED) from None
@@ -187,7 +192,7 @@ def provision(
     device_id: Annotated[str, typer.Argument(help="The id the device publishes under.")],
     *,
     cover: Annotated[str, typer.Option(help="Standard number of the cover it is mounted on.")],
-    password_file: PasswordFileOpt,
+    password_file: PasswordFileOpt = None,
     interval: Annotated[
         int | None, typer.Option(help="Report interval in seconds (60-86400).")
     ] = None,
@@ -202,6 +207,7 @@ def provision(
     """
     settings = _settings()
     logs.configure(settings.log_level)
+    password_file = _password_file(password_file, settings)
     try:
         broker_auth.check_device_id(device_id)
     except BrokerAuthError as exc:
@@ -239,17 +245,15 @@ def provision(
         highlight=False,
     )
     _print_credentials(device_id, secret)
-    _reload(pid_file, reload_cmd)
+    _reload(settings, pid_file, reload_cmd)
 
 
 # -- passwords --------------------------------------------------------------------------
 
 
-def _crew_key() -> str | None:
-    key = os.environ.get(CREW_KEY_ENV) or None
-    if key is not None and len(key) < broker_auth.MIN_CREW_KEY_CHARS:
-        raise _fail(f"{CREW_KEY_ENV} must be at least {broker_auth.MIN_CREW_KEY_CHARS} characters.")
-    return key
+def _crew_key(settings: Settings) -> str | None:
+    # Its length was checked with the other settings.
+    return settings.broker_crew_key.get_secret_value() or None
 
 
 def _service_user(settings: Settings) -> BrokerUser:
@@ -286,14 +290,15 @@ async def _registry_users(sessions: async_sessionmaker[AsyncSession]) -> _Regist
 @app.command()
 def passwords(
     *,
-    password_file: PasswordFileOpt,
+    password_file: PasswordFileOpt = None,
     acl_file: Annotated[
         Path | None,
-        typer.Option(envvar=ACL_FILE_ENV, help="Write the broker's ACL here (crew blocks)."),
+        typer.Option(help=f"Write the broker's ACL here (crew blocks) [{ACL_FILE_ENV}]."),
     ] = None,
     acl_template: Annotated[
-        Path, typer.Option(envvar=ACL_TEMPLATE_ENV, help="The project's ACL template.")
-    ] = DEFAULT_ACL_TEMPLATE,
+        Path | None,
+        typer.Option(help=f"The ACL template [{ACL_TEMPLATE_ENV}; the project's]."),
+    ] = None,
     pid_file: PidFileOpt = None,
     reload_cmd: ReloadCmdOpt = None,
 ) -> None:
@@ -304,7 +309,10 @@ def passwords(
     """
     settings = _settings()
     logs.configure(settings.log_level)
-    crew_key = _crew_key()
+    password_file = _password_file(password_file, settings)
+    acl_file = acl_file or settings.broker_acl_file
+    acl_template = acl_template or settings.broker_acl_template or DEFAULT_ACL_TEMPLATE
+    crew_key = _crew_key(settings)
     if crew_key is not None and acl_file is None:
         raise _fail(f"Crews need their ACL blocks: give --acl-file ({ACL_FILE_ENV}).")
     service = _service_user(settings)
@@ -331,7 +339,7 @@ def passwords(
     )
     if crew_key is None:
         errors.print(f"No crews: {CREW_KEY_ENV} is not set.", highlight=False)
-    _reload(pid_file, reload_cmd)
+    _reload(settings, pid_file, reload_cmd)
 
 
 # -- crew -------------------------------------------------------------------------------
@@ -345,7 +353,7 @@ def crew(unit: Annotated[str, typer.Argument(help="The unit's code.")]) -> None:
     """
     settings = _settings()
     logs.configure(settings.log_level)
-    crew_key = _crew_key()
+    crew_key = _crew_key(settings)
     if crew_key is None:
         raise _fail(f"{CREW_KEY_ENV} is not set: crews have no credentials.")
 
