@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS cover_reading_hourly (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS cover_reading_hourly_cover
     ON cover_reading_hourly (cover_id, hour_ms);
+CREATE INDEX IF NOT EXISTS cover_reading_hourly_time ON cover_reading_hourly (hour_ms);
 CREATE TABLE IF NOT EXISTS retention_state (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -75,6 +76,10 @@ FROM (
 ) AS g
 """  # noqa: S608 -- built from constants only
 _AGGREGATED_THROUGH = "aggregated_through_ms"
+_DELETE_SOME = (
+    "DELETE FROM cover_reading WHERE (device_id, ts_ms) IN (SELECT device_id, ts_ms"
+    " FROM cover_reading WHERE ts_ms >= ? AND ts_ms < ? LIMIT ?)"
+)
 
 
 def _unescape(text: str) -> str:
@@ -153,14 +158,25 @@ class SqliteReadingStore:
             start = self._aggregated_through()
             if start is None or start >= until_ms:
                 return 0
-            end = min(until_ms - until_ms % HOUR_MS, start + max_hours * HOUR_MS)
+            last = until_ms - until_ms % HOUR_MS
+            end = min(last, start + max_hours * HOUR_MS)
             if end <= start:
                 return 0
-            self._db.execute(_AGGREGATE, (start, end))
+            if self._db.execute(_AGGREGATE, (start, end)).rowcount == 0:
+                end = self._next_hour_stored(end, last)  # a quiet stretch: skip it at once
             self._db.execute(
                 "INSERT OR REPLACE INTO retention_state VALUES (?, ?)", (_AGGREGATED_THROUGH, end)
             )
             return (end - start) // HOUR_MS
+
+    def _next_hour_stored(self, after_ms: int, last_ms: int) -> int:
+        """The hour of the first reading at or after `after_ms`, at most `last_ms`."""
+        found = self._db.execute(
+            "SELECT min(ts_ms) FROM cover_reading WHERE ts_ms >= ?", (after_ms,)
+        ).fetchone()[0]
+        if found is None:
+            return last_ms
+        return max(after_ms, min(last_ms, int(found) - int(found) % HOUR_MS))
 
     def _aggregated_through(self) -> int | None:
         """Where aggregation goes on: the saved mark, else the hour of the oldest reading."""
@@ -172,13 +188,13 @@ class SqliteReadingStore:
         oldest = self._db.execute("SELECT min(ts_ms) FROM cover_reading").fetchone()[0]
         return None if oldest is None else int(oldest) - int(oldest) % HOUR_MS
 
-    async def prune_hour(self, *, before_ms: int) -> int:
-        """Deletes the raw readings of the oldest hour that ends by `before_ms`, after
-        aggregating that hour again (a reading stored late is counted); returns the rows
-        deleted, 0 when nothing is that old."""
-        return await asyncio.to_thread(self._prune_oldest_hour, before_ms)
+    async def prune(self, *, before_ms: int, max_rows: int) -> int:
+        """Deletes up to `max_rows` raw readings of the oldest hour that ends by
+        `before_ms`, once that hour's aggregates count them all (a reading stored late
+        is aggregated first); returns the rows deleted, 0 when nothing is that old."""
+        return await asyncio.to_thread(self._prune_oldest_hour, before_ms, max_rows)
 
-    def _prune_oldest_hour(self, before_ms: int) -> int:
+    def _prune_oldest_hour(self, before_ms: int, max_rows: int) -> int:
         with self._lock, self._transaction():
             oldest = self._db.execute("SELECT min(ts_ms) FROM cover_reading").fetchone()[0]
             if oldest is None:
@@ -186,11 +202,23 @@ class SqliteReadingStore:
             hour = int(oldest) - int(oldest) % HOUR_MS
             if hour + HOUR_MS > before_ms:
                 return 0
-            self._db.execute(_AGGREGATE, (hour, hour + HOUR_MS))
-            deleted = self._db.execute(
-                "DELETE FROM cover_reading WHERE ts_ms >= ? AND ts_ms < ?", (hour, hour + HOUR_MS)
-            ).rowcount
+            if not self._aggregates_complete(hour):
+                self._db.execute(_AGGREGATE, (hour, hour + HOUR_MS))
+            deleted = self._db.execute(_DELETE_SOME, (hour, hour + HOUR_MS, max_rows)).rowcount
             return int(deleted)
+
+    def _aggregates_complete(self, hour: int) -> bool:
+        """Whether the hour's aggregates count every reading it holds: none came late.
+        Fewer readings than counted: part of the hour is pruned already."""
+        stored = self._db.execute(
+            "SELECT count(*) FROM cover_reading WHERE ts_ms >= ? AND ts_ms < ?",
+            (hour, hour + HOUR_MS),
+        ).fetchone()[0]
+        counted = self._db.execute(
+            "SELECT coalesce(sum(readings), 0) FROM cover_reading_hourly WHERE hour_ms = ?",
+            (hour,),
+        ).fetchone()[0]
+        return bool(stored <= counted)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -262,6 +262,21 @@ async def test_a_reading_stored_late_is_counted_before_its_hour_is_pruned(
     assert hourly == [(31, 90.0)]
 
 
+async def test_pruning_in_small_transactions_keeps_the_aggregates_whole(
+    embedded: SqliteReadingStore,
+) -> None:
+    await embedded.write(readings_at(T0))
+    horizon = LATER - 400 * DAY_MS
+    deleted = [await embedded.prune(before_ms=horizon, max_rows=25) for _ in range(7)]
+
+    assert deleted == [25, 25, 11, 25, 25, 10, 0]  # an hour at a time, 25 rows at most
+    hourly = await embedded.query(
+        "SELECT hour_ms, readings, tilt_deg_max FROM cover_reading_hourly WHERE cover_id = ?",
+        (WATER_COVER,),
+    )
+    assert hourly == [(T0, 60, 59.0), (T0 + HOUR_MS, 60, 59.0)]
+
+
 async def test_the_service_job_prunes_the_embedded_store(embedded: SqliteReadingStore) -> None:
     await embedded.write(readings_at(T0))
     registry = CollectorRegistry()
