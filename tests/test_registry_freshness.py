@@ -28,7 +28,7 @@ from smartcover.runtime import Service, build_service, run_service
 from smartcover.serve import api_server, serve_api
 from tests.db_fixtures import BACKENDS, fresh_database_url
 from tests.harness import service_env, settings_of, wait_until
-from tests.servers import InfluxServer, MosquittoServer
+from tests.servers import InfluxServer, MosquittoServer, PostgresServer
 
 pytestmark = pytest.mark.asyncio
 ADMIN_KEY = "an-admin-key-for-this-test-only"
@@ -268,4 +268,22 @@ async def test_postgresql_notifies_other_processes_without_waiting_for_a_poll(
     # The backup poll runs every 30 s on PostgreSQL: seen sooner means notified.
     await wait_until(
         lambda: service.cache.lookup("SC-E1") is not None, timeout_s=10, what="notification"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_notifications_resume_after_postgresql_restarts(
+    service: Service, database_url: str, postgres_server: PostgresServer
+) -> None:
+    await asyncio.to_thread(postgres_server.restart)
+    other = create_engine(database_url)
+    try:
+        async with transaction(session_factory(other)) as session:
+            await registry.create_device(session=session, device=DeviceCreate(device_id="SC-F1"))
+    finally:
+        await other.dispose()
+    # The listener reconnects within seconds (and reloads then); the poll would take 30 s.
+    await wait_until(
+        lambda: service.cache.lookup("SC-F1") is not None, timeout_s=15, what="notification"
     )
