@@ -21,6 +21,7 @@ from smartcover.backup_cli import backup_command, restore_command
 from smartcover.devices_cli import app as devices_app
 from smartcover.keys_cli import app as keys_app
 from smartcover.registry_cli import covers_app, db_app, units_app
+from smartcover.retention_cli import retention_command
 from smartcover.sim_cli import sim
 
 app = typer.Typer(
@@ -36,6 +37,7 @@ app.add_typer(keys_app, name="keys", help="API keys and their roles.")
 app.command()(sim)
 app.command("backup")(backup_command)
 app.command("restore")(restore_command)
+app.command("retention")(retention_command)
 console = Console()
 
 

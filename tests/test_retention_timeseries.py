@@ -177,8 +177,10 @@ def auth_influx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthInflux
         for statement, auth in (
             ("CREATE USER boss WITH PASSWORD 'boss-secret' WITH ALL PRIVILEGES", None),
             ('CREATE DATABASE "pilot"', ("boss", "boss-secret")),
+            ('CREATE DATABASE "managed"', ("boss", "boss-secret")),
             ("CREATE USER writer WITH PASSWORD 'writer-secret'", ("boss", "boss-secret")),
             ('GRANT ALL ON "pilot" TO writer', ("boss", "boss-secret")),
+            ('GRANT ALL ON "managed" TO writer', ("boss", "boss-secret")),
         ):
             answer = httpx.post(f"{server.url}/query", data={"q": statement}, auth=auth, timeout=10)
             assert answer.status_code == 200, answer.text
@@ -186,16 +188,22 @@ def auth_influx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthInflux
         yield server
 
 
+def as_user(server: AuthInfluxServer, database: str, user: str) -> InfluxStore:
+    # The deployment's way: the service's user may not create databases (compose).
+    config = InfluxConfig(
+        url=server.url,
+        database=database,
+        username=user,
+        password=f"{user}-secret",
+        create_database=False,
+    )
+    return InfluxStore(config)
+
+
 async def test_without_admin_rights_the_set_up_is_reported_not_fatal(
     auth_influx: AuthInfluxServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = InfluxConfig(
-        url=auth_influx.url,
-        database="pilot",
-        username="writer",
-        password="writer-secret",  # noqa: S106 -- the test server's own user
-    )
-    store = InfluxStore(config)
+    store = as_user(auth_influx, "pilot", "writer")
     metrics = RetentionMetrics(CollectorRegistry())
     try:
         with caplog.at_level(logging.ERROR, logger="core.retention"):
@@ -206,6 +214,27 @@ async def test_without_admin_rights_the_set_up_is_reported_not_fatal(
     assert outcome is None
     assert metrics.applied._value.get() == 0
     assert "retention NOT set up on InfluxDB database 'pilot'" in caplog.text
+    assert "requires admin privilege" in caplog.text
+
+
+async def test_once_an_admin_has_set_it_up_the_service_user_finds_it_in_place(
+    auth_influx: AuthInfluxServer,
+) -> None:
+    admin, service = (
+        as_user(auth_influx, "managed", "boss"),
+        as_user(auth_influx, "managed", "writer"),
+    )
+    metrics = RetentionMetrics(CollectorRegistry())
+    try:
+        await retention_influx.apply(admin)  # `smartcover retention` with the admin user
+        outcome = await set_up_influx(service, metrics)
+        assert outcome is not None
+        assert await retention_influx.aggregate_range(service, T0, T0 + HOUR_MS) == 0
+    finally:
+        await admin.close()
+        await service.close()
+    assert (outcome.changed, outcome.cq_created) == ((), False)
+    assert metrics.applied._value.get() == 1
 
 
 # -- the embedded store -------------------------------------------------------------------
