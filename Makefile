@@ -25,10 +25,18 @@ servers:
 test: install servers
 	$(BIN)/pytest
 
-check: install
+check: install node_modules/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	node_modules/.bin/eslint api/dashboard/js eslint.config.js
+
+# ESLint for the dashboard's JavaScript, pinned in package-lock.json; Node.js and npm from
+# the distribution when missing (scripts/ensure-node.sh).
+node_modules/.installed: package-lock.json
+	@scripts/ensure-node.sh
+	npm ci --no-audit --no-fund
+	@touch $@
 
 bench: install servers
 	$(BIN)/python -m bench.ingest

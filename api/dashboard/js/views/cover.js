@@ -87,11 +87,13 @@ export function coverCard(panel, coverId) {
 
 /** What the live events change about a cover: when it changes, the card is re-read. */
 function stateSignature(coverId) {
-  const alerts = [...store.alerts.values()].filter((a) => a.cover_id === coverId).map((a) => a.id);
-  const cases = [...store.cases.values()]
+  const alertIds = [...store.alerts.values()]
+    .filter((a) => a.cover_id === coverId)
+    .map((a) => a.id);
+  const caseStates = [...store.cases.values()]
     .filter((c) => c.cover_id === coverId)
     .map((c) => `${c.id}:${c.status}`);
-  return JSON.stringify([store.states.get(coverId), alerts, cases]);
+  return JSON.stringify([store.states.get(coverId), alertIds, caseStates]);
 }
 
 async function guarded(section, work) {
