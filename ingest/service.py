@@ -126,6 +126,7 @@ class IngestService:
             # The decoder checks the topic's device id against the contract's pattern.
             decoded = self._decoder.decode(parts[1], message.payload, now_ms)
             batch.readings.extend(decoded.readings)
+            batch.covers.extend(self._writer.covers_now(decoded.readings))
             if self._evaluator is not None:
                 self._evaluate(decoded.readings, now_ms)
             for rejection in decoded.rejections:

@@ -47,6 +47,10 @@ class Batch:
     generation: int = 0  # the evaluator's generation when the batch was sealed
     packet_ids: list[int] = field(default_factory=list)
     readings: list[Reading] = field(default_factory=list)
+    # The cover each reading's device was bound to when it arrived (its `cover_id` tag):
+    # looked up on receipt, as a sensor moved before the batch is written must not take
+    # its earlier readings along to the new cover.
+    covers: list[str | None] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
 
     @property
@@ -101,10 +105,16 @@ class BatchWriter:
         self._spool_lock = asyncio.Lock()
         self._refresh_spool_gauges()
 
+    def covers_now(self, readings: list[Reading]) -> list[str | None]:
+        """The cover each reading's device is bound to now, for its `cover_id` tag."""
+        cover_of = self._cover_of
+        return [cover_of(reading.device_id) for reading in readings]
+
     async def persist(self, batch: Batch) -> None:
         """Returns once every reading and dead letter of the batch is durable."""
-        cover_of = self._cover_of
-        covers = [cover_of(reading.device_id) for reading in batch.readings]
+        covers = batch.covers
+        if len(covers) != len(batch.readings):  # a batch put together without receipt tags
+            covers = self.covers_now(batch.readings)
         points = self._store.encode(batch.readings, covers)
         rejected = await self._store_or_spool(points)
         letters = batch.dead_letters + [
