@@ -8,7 +8,9 @@ For SQLite, and for PostgreSQL when its binaries are installed (a private server
 2. the same file with `skip_invalid`: the 100,000 valid covers, their roads, devices and
    bindings are written; then imported once more, which finds every row unchanged;
 3. a fresh process imports the service's modules, loads the registry cache from that
-   database and reports its resident memory, and how long a look-up takes.
+   database and reports its resident memory, and how long a look-up takes;
+4. in that process, one cover edited as the API does it: how long until the cache holds
+   the edit when it loads what the edit touched, against a whole reload.
 
 Targets (issue 4): import ≤ 30 s, service RSS with 100,000 covers loaded ≤ 200 MB.
 """
@@ -28,11 +30,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core import db, registry
 from core.census import CensusReport, RowError, import_census, read_census_file
-from core.registry_cache import RegistryCache
-from core.registry_schemas import RoadCreate, Unit, UnitKind
+from core.registry_cache import RegistryCache, RegistryChange
+from core.registry_schemas import CoverUpdate, RoadCreate, Unit, UnitKind
 from tests.servers import PostgresServer, ServerError
 
 IMPORT_TARGET_S = 30.0
@@ -137,6 +140,8 @@ class ImportRun:
     service_modules_rss_mb: float = 0.0
     cache_load_s: float = 0.0
     lookup_ns: float = 0.0
+    edit_apply_ms: float = 0.0  # an API edit of one cover reaching the cache
+    edit_reload_ms: float = 0.0  # the same by a whole reload, for comparison
 
 
 async def _timed_import(url: str, path: Path, **options: bool) -> tuple[CensusReport, float]:
@@ -225,12 +230,41 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+async def _edit_a_cover(
+    sessions: async_sessionmaker[AsyncSession], depth_cm: float
+) -> RegistryChange:
+    """One cover edited as the API would: what the write touched, for `cache.apply`."""
+    async with db.transaction(sessions) as session:
+        [cover] = await registry.list_covers(session=session, limit=1)
+        await registry.update_cover(
+            session=session, cover_id=cover.cover_id, update=CoverUpdate(depth_cm=depth_cm)
+        )
+        steps = session.info[registry.VERSION_STEPS]
+    return RegistryChange(steps=steps, covers={cover.cover_id})
+
+
+async def _time_edits(
+    cache: RegistryCache, sessions: async_sessionmaker[AsyncSession]
+) -> tuple[float, float]:
+    """Seconds until an edit is in the cache: loading what it touched, and reloading all."""
+    change = await _edit_a_cover(sessions, 150)
+    started = time.perf_counter()
+    await cache.apply(change)
+    applied_s = time.perf_counter() - started
+    await _edit_a_cover(sessions, 160)
+    started = time.perf_counter()
+    await cache.refresh()
+    return applied_s, time.perf_counter() - started
+
+
 async def _probe(url: str) -> dict[str, float]:
     engine = db.create_engine(url)
-    cache = RegistryCache(db.session_factory(engine))
+    sessions = db.session_factory(engine)
+    cache = RegistryCache(sessions)
     started = time.perf_counter()
     await cache.refresh()
     load_s = time.perf_counter() - started
+    edit_apply_s, edit_reload_s = await _time_edits(cache, sessions)
     await engine.dispose()
     gc.collect()
     ids = [f"SC-{n:06d}" for n in range(0, 100_000, 7)]
@@ -245,6 +279,8 @@ async def _probe(url: str) -> dict[str, float]:
         "devices": cache.device_count,
         "load_s": load_s,
         "lookup_ns": lookup_ns,
+        "edit_apply_s": edit_apply_s,
+        "edit_reload_s": edit_reload_s,
     }
 
 
@@ -279,11 +315,18 @@ def measure_cache(run: ImportRun, url: str) -> None:
     run.service_modules_rss_mb = round(figures["modules_rss_mb"], 1)
     run.cache_load_s = round(figures["load_s"], 2)
     run.lookup_ns = round(figures["lookup_ns"], 1)
+    run.edit_apply_ms = round(figures["edit_apply_s"] * 1000, 1)
+    run.edit_reload_ms = round(figures["edit_reload_s"] * 1000, 1)
     print(
         f"  cache: {figures['covers']:,} covers, {figures['devices']:,} devices loaded in"
         f" {run.cache_load_s:.1f} s; RSS {run.cache_rss_mb:.0f} MB (peak"
         f" {run.cache_peak_rss_mb:.0f} MB, service modules alone"
         f" {run.service_modules_rss_mb:.0f} MB); look-up {run.lookup_ns:.0f} ns"
+    )
+    print(
+        f"  one cover edited: in the cache after {run.edit_apply_ms:.1f} ms (what it touched)"
+        f" vs {run.edit_reload_ms:.0f} ms (a whole reload),"
+        f" {run.edit_reload_ms / max(run.edit_apply_ms, 0.001):.0f}x"
     )
 
 
