@@ -42,6 +42,7 @@ bench: install servers
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.alerting
 	$(BIN)/python -m bench.registry
+	$(BIN)/python -m bench.stream
 
 # Everything embedded: broker, stores, a seeded pilot and its storyline. Nothing to install.
 demo: install
