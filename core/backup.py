@@ -296,7 +296,7 @@ async def backup(database_url: str, path: Path) -> BackupOutcome:
         raise BackupError(str(exc)) from None
     except (SQLAlchemyError, OSError) as exc:
         raise BackupError(f"database {redacted(database_url)}: {exc}") from None
-    logger.info(
+    logger.debug(  # the command prints it; other callers may want it
         "backup of %s (schema %s) written to %s", redacted(database_url), outcome.revision, path
     )
     return outcome
@@ -323,7 +323,7 @@ async def restore(database_url: str, path: Path, *, force: bool = False) -> Rest
         raise BackupError(str(exc)) from None
     except (SQLAlchemyError, OSError) as exc:
         raise BackupError(f"database {redacted(database_url)}: {exc}") from None
-    logger.info(
+    logger.debug(
         "%s restored into %s (schema %s, now %s)",
         path,
         redacted(database_url),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sqlite3
 import stat
 import tempfile
 import uuid
@@ -134,6 +135,25 @@ def test_a_round_trip_keeps_every_row(urls: tuple[str, str], tmp_path: Path) -> 
     assert restored.exit_code == 0, restored.output
 
     assert asyncio.run(_rows(target)) == before
+
+
+def test_a_sqlite_backup_is_consistent_while_the_service_writes(tmp_path: Path) -> None:
+    source = tmp_path / "live.db"
+    asyncio.run(_populate(f"sqlite:///{source}"))
+    # The service in the middle of a write: it holds the write lock, nothing committed yet.
+    writer = sqlite3.connect(source, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("DELETE FROM case_events")
+        file = tmp_path / "live.backup"
+        made = invoke(f"sqlite:///{source}", "backup", str(file))
+        assert made.exit_code == 0, made.output
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    restored = f"sqlite:///{tmp_path / 'restored.db'}"
+    assert invoke(restored, "restore", str(file)).exit_code == 0
+    assert asyncio.run(_rows(restored)) == asyncio.run(_rows(f"sqlite:///{source}"))
 
 
 def test_restore_refuses_a_database_with_data_unless_forced(
