@@ -226,6 +226,22 @@ async def _server_major(engine: AsyncEngine) -> int:
     return int(number) // 10000
 
 
+async def _refuse_if_connected(engine: AsyncEngine, target: str, *, force: bool) -> None:
+    # A running service would see its tables vanish under it and keep stale alert state.
+    async with engine.connect() as connection:
+        others = await connection.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    if others and not force:
+        raise BackupError(
+            f"{others} other connection(s) to {target}: stop every smartcover process using"
+            " it first (or give --force)"
+        )
+
+
 def _archive_revision(listing: str, path: Path) -> str:
     """The revision in pg_restore's SQL of the alembic_version table's data."""
     lines = listing.splitlines()
@@ -271,6 +287,7 @@ async def _restore_postgresql(database_url: str, path: Path, *, force: bool) -> 
         restored = _archive_revision(listing, path)
         _check_known(restored, path)
         await _refuse_if_in_use(engine, redacted(database_url), force=force)
+        await _refuse_if_connected(engine, redacted(database_url), force=force)
         await _drop_all_tables(engine)
         # Owners and grants are the old server's; here the configured user owns everything.
         args = ["--no-owner", "--no-privileges", "--single-transaction", "--exit-on-error"]

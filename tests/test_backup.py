@@ -197,6 +197,29 @@ async def _migrated_only(database_url: str) -> None:
         pass
 
 
+def test_restore_refuses_a_postgresql_database_others_are_connected_to(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    source = postgres_server.url(_new_database(postgres_server))
+    target = postgres_server.url(_new_database(postgres_server))
+    asyncio.run(_populate(source))
+    file = tmp_path / "smartcover.backup"
+    assert invoke(source, "backup", str(file)).exit_code == 0
+
+    async def restore_while_connected() -> Result:
+        service = db.create_engine(target)  # a smartcover process still running
+        try:
+            async with service.connect():
+                return await asyncio.to_thread(invoke, target, "restore", str(file))
+        finally:
+            await service.dispose()
+
+    refused = asyncio.run(restore_while_connected())
+    assert refused.exit_code == 2
+    assert "stop every smartcover process" in refused.stderr
+    assert invoke(target, "restore", str(file)).exit_code == 0  # once it is gone
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_restore_refuses_a_backup_of_the_other_kind(
     backend: str, postgres_server: PostgresServer, tmp_path: Path
