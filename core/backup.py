@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import sqlite3
 import tempfile
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from alembic.script import ScriptDirectory
-from sqlalchemy import MetaData, exists, inspect, select, table, text
+from sqlalchemy import exists, inspect, select, table, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -34,6 +35,8 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 _PG_CUSTOM_MAGIC = b"PGDMP"
 # Tables the migrations fill by themselves: rows there do not make a database "in use".
 _BOOKKEEPING = frozenset({"alembic_version", "registry_version"})
+# A table's line in `pg_restore --list`: "215; 1259 16390 TABLE public cases owner".
+_LISTED_TABLE = re.compile(r"^\d+; \d+ \d+ TABLE \S+ (\S+) ", re.MULTILINE)
 # How long SQLite waits for the service's writer before giving up (as the service does).
 _SQLITE_TIMEOUT_S = db.SQLITE_BUSY_TIMEOUT_MS / 1000
 
@@ -251,12 +254,19 @@ def _archive_revision(listing: str, path: Path) -> str:
     raise BackupError(f"{path} is not a backup of a smartcover database (no schema revision)")
 
 
-async def _drop_all_tables(engine: AsyncEngine) -> None:
-    # pg_restore recreates every table; ours (even empty, just migrated) would be in its way.
+def _archive_tables(listing: str) -> set[str]:
+    """The tables in pg_restore's table of contents (`--list`)."""
+    return set(_LISTED_TABLE.findall(listing))
+
+
+async def _drop_tables_not_in(engine: AsyncEngine, archived: set[str]) -> None:
+    # pg_restore --clean replaces the archive's own tables inside its one transaction;
+    # tables it does not know (a newer schema's) would stay behind and trip the migrations.
     async with engine.begin() as connection:
-        metadata = MetaData()
-        await connection.run_sync(metadata.reflect)
-        await connection.run_sync(metadata.drop_all)
+        names = await connection.run_sync(lambda sync: inspect(sync).get_table_names())
+        quote = connection.dialect.identifier_preparer.quote
+        for name in sorted(set(names) - archived):
+            await connection.execute(text(f"DROP TABLE IF EXISTS {quote(name)} CASCADE"))
 
 
 async def _backup_postgresql(database_url: str, path: Path) -> BackupOutcome:
@@ -265,6 +275,8 @@ async def _backup_postgresql(database_url: str, path: Path) -> BackupOutcome:
     try:
         revision = await db.current_revision(engine)
         major = await _server_major(engine)
+        async with engine.connect() as connection:
+            schema = await connection.scalar(text("SELECT current_schema()"))
     finally:
         await engine.dispose()
     if revision is None:
@@ -272,6 +284,9 @@ async def _backup_postgresql(database_url: str, path: Path) -> BackupOutcome:
     tool = await find_tool("pg_dump", server_major=major)
     with _atomic_output(path) as temporary:
         args = ["--format=custom", f"--file={temporary}", f"--dbname={target.url}"]
+        # Our tables only: not what a deployment adds beside them (the `grafana` schema of
+        # docker-compose's initdb script), which a restore would then collide with.
+        args.append(f'--table="{schema}".*')
         await run_tool(tool, args, password=target.password)
     return BackupOutcome(Kind.POSTGRESQL, revision)
 
@@ -288,9 +303,12 @@ async def _restore_postgresql(database_url: str, path: Path, *, force: bool) -> 
         _check_known(restored, path)
         await _refuse_if_in_use(engine, redacted(database_url), force=force)
         await _refuse_if_connected(engine, redacted(database_url), force=force)
-        await _drop_all_tables(engine)
-        # Owners and grants are the old server's; here the configured user owns everything.
-        args = ["--no-owner", "--no-privileges", "--single-transaction", "--exit-on-error"]
+        contents = await run_tool(tool, ["--list", str(path)], password=None)
+        await _drop_tables_not_in(engine, _archive_tables(contents))
+        # All or nothing: what the database held stays if the restore fails. Owners and
+        # grants are the old server's; here the configured user owns everything.
+        args = ["--clean", "--if-exists", "--single-transaction", "--exit-on-error"]
+        args += ["--no-owner", "--no-privileges"]
         args += [f"--dbname={target.url}", str(path)]
         await run_tool(tool, args, password=target.password)
         return RestoreOutcome(Kind.POSTGRESQL, restored, await _migrate(engine))

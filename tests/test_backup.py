@@ -220,6 +220,51 @@ def test_restore_refuses_a_postgresql_database_others_are_connected_to(
     assert invoke(target, "restore", str(file)).exit_code == 0  # once it is gone
 
 
+def test_a_failed_postgresql_restore_leaves_the_database_as_it_was(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    source_db, target_db = _new_database(postgres_server), _new_database(postgres_server)
+    source, target = postgres_server.url(source_db), postgres_server.url(target_db)
+    asyncio.run(_populate(source))
+    file = tmp_path / "smartcover.backup"
+    assert invoke(source, "backup", str(file)).exit_code == 0
+    asyncio.run(_populate(target))
+    # Someone's report on the cases: the restore cannot replace the table under it.
+    postgres_server.psql("CREATE VIEW open_cases AS SELECT id FROM cases", target_db)
+    before = asyncio.run(_rows(target))
+
+    failed = invoke(target, "restore", "--force", str(file))
+    assert failed.exit_code == 2
+    assert "other objects depend on it" in failed.stderr
+    assert asyncio.run(_rows(target)) == before
+
+
+def test_a_deployments_own_schema_is_neither_backed_up_nor_disturbed(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    """docker-compose's initdb script adds a `grafana` schema beside the service's tables."""
+    source_db, target_db = _new_database(postgres_server), _new_database(postgres_server)
+    source, target = postgres_server.url(source_db), postgres_server.url(target_db)
+    asyncio.run(_populate(source))
+    asyncio.run(_migrated_only(target))
+    postgres_server.psql(GRAFANA_SCHEMA % "SELECT -1::bigint", source_db)
+    postgres_server.psql(GRAFANA_SCHEMA % "SELECT count(*) FROM public.cases", target_db)
+    file = tmp_path / "smartcover.backup"
+    assert invoke(source, "backup", str(file)).exit_code == 0
+
+    restored = invoke(target, "restore", str(file))
+    assert restored.exit_code == 0, restored.output
+    # The target's own function, not the source's, reading the restored table.
+    assert postgres_server.psql("SELECT grafana.case_count()", target_db).strip() == "1"
+
+
+GRAFANA_SCHEMA = """
+CREATE SCHEMA grafana;
+CREATE FUNCTION grafana.case_count() RETURNS bigint LANGUAGE sql STABLE SECURITY DEFINER
+AS $$ %s $$;
+"""
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_restore_refuses_a_backup_of_the_other_kind(
     backend: str, postgres_server: PostgresServer, tmp_path: Path
