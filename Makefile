@@ -43,6 +43,8 @@ bench: install servers
 	$(BIN)/python -m bench.alerting
 	$(BIN)/python -m bench.registry
 	$(BIN)/python -m bench.stream
+	$(BIN)/python -m bench.registry_import
+	$(BIN)/python -m bench.soak
 
 # Everything embedded: broker, stores, a seeded pilot and its storyline. Nothing to install.
 demo: install
