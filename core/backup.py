@@ -231,17 +231,18 @@ async def _server_major(engine: AsyncEngine) -> int:
 
 async def _refuse_if_connected(engine: AsyncEngine, target: str, *, force: bool) -> None:
     # A running service would see its tables vanish under it and keep stale alert state.
+    # Only our own user's: other roles (Grafana's reader) read through functions, harmlessly.
     async with engine.connect() as connection:
         others = await connection.scalar(
             text(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND usename = current_user AND pid <> pg_backend_pid()"
             )
         )
     if others and not force:
         raise BackupError(
-            f"{others} other connection(s) to {target}: stop every smartcover process using"
-            " it first (or give --force)"
+            f"{others} other connection(s) to {target} as its user: stop every smartcover"
+            " process using it first (or give --force)"
         )
 
 
