@@ -24,6 +24,11 @@ from smartcover.runtime import Service, build_service, case_policy, run_service
 
 logger = logging.getLogger(__name__)
 
+# At shutdown, how long open requests may take to finish before their connections are
+# closed: a live-stream client that stopped reading (a phone out of coverage) would
+# otherwise hold the process up for as long as its connection lives.
+API_SHUTDOWN_GRACE_S = 5
+
 
 class ApiServer(uvicorn.Server):
     """uvicorn without its own signal handling: our stop event decides when it ends."""
@@ -62,7 +67,12 @@ def api_server(service: Service, *, full: bool = True) -> ApiServer:
 
 def _uvicorn(app: FastAPI, settings: Settings) -> ApiServer:
     config = uvicorn.Config(
-        app, host=settings.api_host, port=settings.api_port, log_level="warning", lifespan="off"
+        app,
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level="warning",
+        lifespan="off",
+        timeout_graceful_shutdown=API_SHUTDOWN_GRACE_S,
     )
     return ApiServer(config)
 
