@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Generic, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,8 +44,15 @@ Limit = Annotated[int, Field(ge=1, le=MAX_LIMIT, description="Page size")]
 Offset = Annotated[int, Field(ge=0, le=MAX_OFFSET, description="Items to skip")]
 
 
+def masked_url(url: str) -> str:
+    """Scheme and host only: chat robots carry their access token in the path or query."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}/***"
+
+
 class UnitOut(BaseModel):
-    """A unit as the API shows it: whether it has a webhook secret, never the secret."""
+    """A unit as the API shows it: whether it has a webhook secret, never the secret; the
+    webhook URL in full to admins only, masked to every other key."""
 
     code: str
     name: str
@@ -55,11 +63,13 @@ class UnitOut(BaseModel):
     supervisor_contact: str | None
 
     @classmethod
-    def of(cls, unit: Unit) -> UnitOut:
-        return cls(
-            **unit.model_dump(exclude={"webhook_secret"}),
-            has_webhook_secret=unit.webhook_secret is not None,
-        )
+    def of(cls, unit: Unit, *, reveal: bool) -> UnitOut:
+        shown = unit.model_dump(exclude={"webhook_secret"})
+        if shown["webhook_url"] is not None:
+            shown["webhook_url"] = str(shown["webhook_url"])
+            if not reveal:
+                shown["webhook_url"] = masked_url(shown["webhook_url"])
+        return cls(**shown, has_webhook_secret=unit.webhook_secret is not None)
 
 
 class AlertOut(BaseModel):

@@ -56,6 +56,20 @@ async def test_units_create_read_update_and_secret_never_shown(api: RunningApi) 
     assert set(missing.json()) == ERROR_KEYS
 
 
+async def test_a_webhook_url_is_shown_in_full_to_admins_only(api: RunningApi) -> None:
+    # Chat robots carry their access token in the URL: it is a secret like the secret.
+    robot = "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=693a91f6-7xxx"
+    made = await api.client("admin").patch("/api/v1/units/WATER", json={"webhook_url": robot})
+    assert made.json()["webhook_url"] == robot
+    for who in ("viewer", "crew", "dispatcher"):
+        one = await api.client(who).get("/api/v1/units/WATER")
+        listed = await api.client(who).get("/api/v1/units")
+        assert one.json()["webhook_url"] == "https://qyapi.weixin.qq.com/***", who
+        assert "693a91f6" not in one.text + listed.text, who
+    full = await api.client("admin").get("/api/v1/units/WATER")
+    assert full.json()["webhook_url"] == robot
+
+
 async def test_covers_list_pages_and_filters(api: RunningApi) -> None:
     viewer = api.client("viewer")
     first = (await viewer.get("/api/v1/covers", params={"limit": 2})).json()

@@ -57,28 +57,31 @@ _XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 @router.get("/units")
 async def list_units(
     *,
-    _key: ViewerKey,
+    key: ViewerKey,
     session: SessionDep,
     kind: UnitKind | None = None,
     limit: Limit = DEFAULT_LIMIT,
     offset: Offset = 0,
 ) -> Page[UnitOut]:
-    """Units in code order (owners and maintainers of covers)."""
+    """Units in code order (owners and maintainers of covers); webhook URLs in full for
+    admins, masked for everyone else."""
     units = await registry.list_units(session=session, kind=kind)
-    page = [UnitOut.of(unit) for unit in units[offset : offset + limit + 1]]
+    reveal = key.at_least(Role.ADMIN)
+    page = [UnitOut.of(unit, reveal=reveal) for unit in units[offset : offset + limit + 1]]
     return page_of(page, limit=limit, offset=offset)
 
 
 @router.get("/units/{code}")
-async def get_unit(*, code: UnitCodePath, _key: ViewerKey, session: SessionDep) -> UnitOut:
-    return UnitOut.of(await registry.get_unit(session=session, code=code))
+async def get_unit(*, code: UnitCodePath, key: ViewerKey, session: SessionDep) -> UnitOut:
+    unit = await registry.get_unit(session=session, code=code)
+    return UnitOut.of(unit, reveal=key.at_least(Role.ADMIN))
 
 
 @router.post("/units", status_code=status.HTTP_201_CREATED, responses=WRITE_ERRORS)
 async def create_unit(*, unit: Unit, _key: AdminKey, context: ContextDep) -> UnitOut:
     """A unit record of DESIGN §11; the webhook secret is never shown again."""
     async with registry_write(context, RegistryChange(units=True)) as session:
-        return UnitOut.of(await registry.create_unit(session=session, unit=unit))
+        return UnitOut.of(await registry.create_unit(session=session, unit=unit), reveal=True)
 
 
 @router.patch("/units/{code}", responses=WRITE_ERRORS)
@@ -87,7 +90,8 @@ async def update_unit(
 ) -> UnitOut:
     """Changes the fields given (null clears an optional one)."""
     async with registry_write(context, RegistryChange(units=True)) as session:
-        return UnitOut.of(await registry.update_unit(session=session, code=code, update=update))
+        unit = await registry.update_unit(session=session, code=code, update=update)
+        return UnitOut.of(unit, reveal=True)
 
 
 # -- covers -----------------------------------------------------------------------------
