@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from alerting.cases import CasePolicy
 from api.deps import ApiContext, nothing_to_refresh
 from api.errors import install_error_handlers
+from api.headers import NoSniff
 from api.readings import ReadingQuery
 from api.routes import cases as case_routes
 from api.routes import dashboard as dashboard_routes
@@ -64,6 +65,7 @@ def create_app(
         " cases, ledgers and progress. Authenticate with `Authorization: Bearer <key>`.",
     )
     install_error_handlers(app)
+    app.add_middleware(NoSniff)
     _operations(app, registry, readiness)
     if sessions is not None:
         key = admin_key.get_secret_value() if isinstance(admin_key, SecretStr) else admin_key

@@ -215,3 +215,14 @@ async def test_nul_characters_are_an_error_of_the_request(
         assert answers[0].json()["message"] == "text must not contain NUL characters (U+0000)"
     else:
         assert statuses == [200, 201, 200, 200]
+
+
+async def test_every_answer_tells_browsers_not_to_guess_its_type(api: RunningApi) -> None:
+    answers = [
+        await api.client("viewer").get("/api/v1/units"),
+        await api.client(None).get("/api/v1/units"),  # refused: 401
+        await api.client("viewer").get("/api/v1/ledgers/census", params={"format": "csv"}),
+        await api.client(None).get("/metrics"),
+    ]
+    assert [a.status_code for a in answers] == [200, 401, 200, 200]
+    assert {a.headers.get("x-content-type-options") for a in answers} == {"nosniff"}
