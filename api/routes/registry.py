@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import asdict
 from typing import Annotated, Any
@@ -216,7 +217,8 @@ async def import_covers(
 ) -> CensusReportOut:
     """Imports a census file: every row or none, unless `skip_invalid` (then the valid
     rows, and a report of the rejected ones). Rejected rows answer 422 with the report."""
-    table = read_census(await _census_file(request))
+    # Parsing a city's XLSX takes seconds of CPU: in a thread, so alarms are not held up.
+    table = await asyncio.to_thread(read_census, await _census_file(request))
     async with registry_write(context, RegistryChange(everything=True)) as session:
         report = await import_census(
             session=session,
