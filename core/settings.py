@@ -101,7 +101,14 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite:///./smartcover.db"
     spool_dir: Path = Path("./spool")
+    # A day of a pilot's readings while the store is down: 10,000 covers reporting every
+    # 5 min are 2.9 M readings of ~200 bytes (580 MB), with room for alarm bursts. When it
+    # is full, ingest stops acknowledging and the broker keeps the rest.
+    spool_max_mb: Annotated[float, Field(gt=0)] = 1024.0
     deadletter_capacity: Annotated[int, Field(ge=100)] = 10000
+    deadletter_keep_days: Annotated[float, Field(gt=0)] = 90.0
+    # Delivered outbox events are kept this long: the live stream resumes from them.
+    outbox_keep_days: Annotated[float, Field(ge=1)] = 30.0
 
     api_host: str = "127.0.0.1"
     api_port: Annotated[int, Field(ge=0, le=65535)] = 8000

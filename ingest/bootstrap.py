@@ -55,7 +55,7 @@ def build_ingest(
     store = build_store(settings)
     writer = BatchWriter(
         store=store,
-        spool=Spool(settings.spool_dir / "readings"),
+        spool=Spool(settings.spool_dir / "readings", round(settings.spool_max_mb * 1024 * 1024)),
         dead_letters=deadletter_log(settings),
         metrics=metrics,
         deadline_s=settings.write_deadline_s,

@@ -59,6 +59,11 @@ class IngestMetrics:
             "Bytes of readings waiting in the local spool",
             registry=registry,
         )
+        self.spool_full = Gauge(
+            "smartcover_spool_full",
+            "1 while the spool is full and the store down: readings are not acknowledged",
+            registry=registry,
+        )
         self.spool_segments = Gauge(
             "smartcover_spool_segments", "Batches waiting in the local spool", registry=registry
         )

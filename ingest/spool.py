@@ -4,6 +4,8 @@ Each spooled batch is one segment file, written to a temporary name, fsync'd, re
 the directory fsync'd, so a segment either exists whole or not at all (a `kill -9` halfway
 leaves only a `.tmp` file, whose messages were never acknowledged and come again).
 Segments are replayed oldest first and deleted only after the store has taken them.
+The spool has a size limit: `has_room` says whether a batch still fits, and the writer
+waits instead of spooling past it (the broker keeps what is not acknowledged meanwhile).
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ def _fsync_directory(directory: Path) -> None:
 class Spool:
     """Segments on disk, oldest first. Blocking file I/O: call it from a worker thread."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, max_bytes: int | None = None) -> None:
+        """`max_bytes`: the limit `has_room` keeps to; None for no limit."""
         self._directory = directory
+        self.max_bytes = max_bytes
         directory.mkdir(parents=True, exist_ok=True)
         for leftover in directory.glob("segment-*.tmp"):
             leftover.unlink()  # a write that never completed: its messages were not acked
@@ -79,6 +83,13 @@ class Spool:
         size = segment.path.stat().st_size
         segment.path.unlink()
         self._bytes = max(0, self._bytes - size)
+
+    def has_room(self, points: Sequence[bytes]) -> bool:
+        """Whether `points` fit under the limit. An empty spool takes any one batch, so a
+        batch larger than the limit cannot wait forever."""
+        if self.max_bytes is None or self._bytes == 0:
+            return True
+        return self._bytes + sum(len(point) + 1 for point in points) <= self.max_bytes
 
     @property
     def size_bytes(self) -> int:

@@ -5,11 +5,15 @@ deadline, then the batch goes to the fsync'd spool; while the store stays down, 
 batches go straight to the spool. Points the store rejects (400) are found by splitting
 the batch and dead-lettered one by one; a batch over the store's size limit (413) is
 split in halves. The spool is replayed oldest first once the store answers again.
+When the spool is full as well, `persist` waits until the store is back or the replay has
+made room: the batch is not acknowledged meanwhile, the service stops reading, and the
+broker keeps the rest (back-pressure; nothing is dropped).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -35,6 +39,7 @@ _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 1.0
 # How often the replayer asks a store that is down whether it is back.
 _PROBE_INTERVAL_S = 1.0
+_MB = 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -103,6 +108,8 @@ class BatchWriter:
         self._clock_ms = clock_ms
         self.health = StoreHealth()
         self._spool_lock = asyncio.Lock()
+        self._room = asyncio.Event()  # set when the store is back or a segment is replayed
+        self._full_since: float | None = None  # monotonic time the spool became full
         self._refresh_spool_gauges()
 
     def covers_now(self, readings: list[Reading]) -> list[str | None]:
@@ -144,24 +151,62 @@ class BatchWriter:
         )
 
     async def _store_or_spool(self, points: list[bytes]) -> list[tuple[int, str]]:
-        """Writes to the store, or spools; returns the points the store rejected."""
+        """Writes to the store, or spools; returns the points the store rejected.
+
+        With the store down and the spool full it waits, for as long as that lasts.
+        """
         if not points:
             return []
-        if not self.health.down:
-            started = time.monotonic()
-            try:
-                rejected = await self._write_splitting(
-                    points, 0, time.monotonic() + self._deadline_s
-                )
-            except TimeSeriesError as exc:
-                self._mark_down(exc)
-            else:
-                self._metrics.batch_write_seconds.observe(time.monotonic() - started)
-                self._metrics.count_stored(len(points) - len(rejected))
-                self._metrics.store_up.set(1)
-                return rejected
-        await self._spool_points(points)
-        return []
+        while True:
+            if not self.health.down:
+                rejected = await self._write_to_store(points)
+                if rejected is not None:
+                    self._spool_not_full()
+                    return rejected
+            if self._spool.has_room(points):
+                await self._spool_points(points)
+                self._spool_not_full()
+                return []
+            await self._wait_for_room()
+
+    async def _write_to_store(self, points: list[bytes]) -> list[tuple[int, str]] | None:
+        """The points the store rejected, or None when it is down (and now marked so)."""
+        started = time.monotonic()
+        try:
+            rejected = await self._write_splitting(points, 0, time.monotonic() + self._deadline_s)
+        except TimeSeriesError as exc:
+            self._mark_down(exc)
+            return None
+        self._metrics.batch_write_seconds.observe(time.monotonic() - started)
+        self._metrics.count_stored(len(points) - len(rejected))
+        self._metrics.store_up.set(1)
+        return rejected
+
+    async def _wait_for_room(self) -> None:
+        """One wait of a batch held back by a full spool: until room or the next probe."""
+        if self._full_since is None:
+            self._full_since = time.monotonic()
+            self._metrics.spool_full.set(1)
+            logger.error(
+                "spool full (%.1f of %.1f MB) and the store down: readings are no longer "
+                "acknowledged, the broker keeps them until the store is back",
+                self._spool.size_bytes / _MB,
+                (self._spool.max_bytes or 0) / _MB,
+            )
+        self._room.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._room.wait(), _PROBE_INTERVAL_S)
+
+    def _spool_not_full(self) -> None:
+        if self._full_since is None:
+            return
+        logger.warning(
+            "spool no longer full after %.0f s: acknowledging readings again (%.1f MB spooled)",
+            time.monotonic() - self._full_since,
+            self._spool.size_bytes / _MB,
+        )
+        self._full_since = None
+        self._metrics.spool_full.set(0)
 
     async def _spool_points(self, points: list[bytes]) -> None:
         async with self._spool_lock:
@@ -182,6 +227,7 @@ class BatchWriter:
             logger.warning("time-series store reachable again")
         self.health = StoreHealth()
         self._metrics.store_up.set(1)
+        self._room.set()
 
     async def _write_splitting(
         self, points: Sequence[bytes], offset: int, deadline: float
@@ -237,7 +283,7 @@ class BatchWriter:
             async with self._spool_lock:
                 await asyncio.to_thread(self._spool.remove, segment)
             self._refresh_spool_gauges()
-            self._mark_up()
+            self._mark_up()  # and room in the spool for a batch waiting for it
 
     async def _finish_replay(self, points: list[bytes], rejected: list[tuple[int, str]]) -> None:
         letters = [self._rejected_letter(points[index], why) for index, why in rejected]

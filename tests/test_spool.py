@@ -145,3 +145,33 @@ def test_spool_creates_its_directory(tmp_path: Path) -> None:
     Spool(directory).append(points_of(1))
 
     assert Spool(directory).segment_count() == 1
+
+
+def test_room_is_measured_against_the_limit(tmp_path: Path) -> None:
+    first, second = points_of(1), points_of(2)
+    spool = Spool(tmp_path, max_bytes=stored_size(first) + stored_size(second))
+
+    assert spool.has_room(first)
+    spool.append(first)
+    assert spool.has_room(second)
+    spool.append(second)
+    assert not spool.has_room(points_of(3, count=1))
+    oldest = spool.oldest()
+    assert oldest is not None
+    spool.remove(oldest)
+    assert spool.has_room(points_of(3))
+
+
+def test_an_empty_spool_takes_a_batch_larger_than_the_limit(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=10)
+
+    assert spool.has_room(points_of(1, count=100))
+    spool.append(points_of(1, count=100))
+    assert not spool.has_room(points_of(2, count=1))
+
+
+def test_no_limit_always_has_room(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.append(points_of(1, count=1000))
+
+    assert spool.has_room(points_of(2, count=1000))

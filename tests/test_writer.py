@@ -465,3 +465,64 @@ async def test_replay_dead_letters_points_the_store_rejects(rig: Rig) -> None:
     assert rig.log.newest(10)[0].reason == Reason.STORE_REJECTED
     assert rig.metrics.totals.replayed == 2
     assert rig.metrics.totals.dead_letters_by_reason == {"store_rejected": 1}
+
+
+# --- a full spool: back-pressure ---------------------------------------------------------
+
+
+@pytest.fixture
+def small_spool(rig: Rig) -> Rig:
+    """The rig's spool limited to two batches of 3 readings (a little more: the lines of
+    later readings are a byte or two longer)."""
+    rig.spool.max_bytes = 2 * sum(len(line) + 1 for line in lines(readings(1, 3))) + 10
+    return rig
+
+
+@pytest.mark.asyncio
+async def test_full_spool_holds_the_batch_until_the_store_is_back(
+    small_spool: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = small_spool
+    await spool_while_down(rig, [readings(1, 3), readings(4, 3)])
+    held = readings(7, 3)
+
+    async with asyncio.TaskGroup() as tasks:
+        persisting = tasks.create_task(rig.writer.persist(Batch(connection_id=1, readings=held)))
+        await eventually(lambda: rig.sample("smartcover_spool_full") == 1, "the spool to fill")
+        assert not persisting.done()  # not durable, so not acknowledged
+        assert len(spooled(rig)) == 2
+        assert rig.spool.size_bytes <= (rig.spool.max_bytes or 0)
+
+        rig.fake.default = status(204)
+        replay = tasks.create_task(rig.writer.replay_forever())
+        await persisting
+        await eventually(lambda: rig.spool.segment_count() == 0, "the spool to drain")
+        replay.cancel()
+
+    assert sorted(rig.fake.stored) == sorted(lines(readings(1, 9)))
+    assert rig.sample("smartcover_spool_full") == 0
+    assert rig.metrics.totals.spooled == 6
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(message.startswith("spool full") for message in messages)
+    assert any(message.startswith("spool no longer full") for message in messages)
+
+
+@pytest.mark.asyncio
+async def test_full_spool_takes_the_batch_once_replay_makes_room(small_spool: Rig) -> None:
+    rig = small_spool
+    await spool_while_down(rig, [readings(1, 3), readings(4, 3)])
+    # The store takes one write (the oldest segment's replay), then is down again.
+    rig.fake.answers = [status(204)]
+
+    async with asyncio.TaskGroup() as tasks:
+        persisting = tasks.create_task(
+            rig.writer.persist(Batch(connection_id=1, readings=readings(7, 3)))
+        )
+        await eventually(lambda: rig.sample("smartcover_spool_full") == 1, "the spool to fill")
+        replay = tasks.create_task(rig.writer.replay_forever())
+        await persisting
+        replay.cancel()
+
+    assert rig.fake.stored == lines(readings(1, 3))
+    assert spooled(rig) == [lines(readings(4, 3)), lines(readings(7, 3))]
+    assert rig.sample("smartcover_spool_full") == 0
