@@ -18,6 +18,9 @@ The rules it keeps:
   exponential delay with jitter, capped; a non-retryable failure (the receiver refused the
   event, the unit has no webhook) waits the cap at once, since DESIGN §11 retries anything
   that is not a 2xx but a misconfigured endpoint is not fixed in seconds.
+- Pruning. Every `prune_interval_s`, events delivered on every channel more than
+  `keep_ms` ago are removed in small batches (`outbox.prune_delivered`), so the outbox
+  stays bounded; undelivered events are never removed.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from alerting.models import AlertRow, DeliveryRow, OutboxRow
 from alerting.notifiers import DeliveryError, Notifier, OutboxEvent
-from alerting.outbox import MQTT_CHANNEL, WEBHOOK_CHANNEL
+from alerting.outbox import MQTT_CHANNEL, WEBHOOK_CHANNEL, prune_delivered
 from core.clock import wall_clock_ms
 from core.db import transaction
+from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +56,7 @@ _MAX_DOUBLINGS = 30
 # Histogram buckets, seconds from the event (device time) to delivery: the target is well
 # under a second, the tail is an endpoint that was down.
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+_DAY_MS = 24 * 3600 * 1000
 
 Sleep = Callable[[float], Coroutine[Any, Any, None]]
 Lane = tuple[str, str]  # (channel, unit_code)
@@ -74,12 +79,22 @@ class DispatchOptions:
     backoff_first_ms: int = 1_000
     backoff_max_ms: int = 300_000  # 5 min: a returning endpoint waits at most this long
     error_chars: int = 500  # of `last_error`
+    # Delivered events are kept this long (the live stream resumes from them), then pruned.
+    keep_ms: int = 30 * _DAY_MS
+    prune_interval_s: float = 3600.0
+    # Rows per pruning transaction: short enough not to hold up the engine's writes.
+    prune_batch: int = 500
+    prune_pause_s: float = 0.05  # between batches, so other writers get their turn
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DispatchOptions:
+        return cls(keep_ms=round(settings.outbox_keep_days * _DAY_MS))
 
     def __post_init__(self) -> None:
         if self.lease_ms <= self.attempt_timeout_s * 1000:
             raise ValueError("lease_ms must exceed attempt_timeout_s, or claims expire mid-attempt")
-        if min(self.page_size, self.per_lane, self.concurrency) < 1:
-            raise ValueError("page_size, per_lane and concurrency must be at least 1")
+        if min(self.page_size, self.per_lane, self.concurrency, self.prune_batch) < 1:
+            raise ValueError("page_size, per_lane, concurrency and prune_batch must be at least 1")
 
 
 def retry_delay_ms(attempts: int, error: DeliveryError, options: DispatchOptions) -> int:
@@ -123,6 +138,11 @@ class DispatchMetrics:
             "smartcover_alert_publish_to_notification_seconds",
             "From the device's reading to the first delivery of its alert on any channel",
             buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.pruned = Counter(
+            "smartcover_outbox_pruned",
+            "Delivered outbox events removed once older than the keep period",
             registry=registry,
         )
         for channel in channels:  # visible from the start, at zero
@@ -177,6 +197,7 @@ class OutboxDispatcher:
         logger.info("outbox dispatcher started, channels: %s", ", ".join(sorted(self._notifiers)))
         try:
             async with asyncio.TaskGroup() as lanes:
+                lanes.create_task(self._prune_forever(), name="outbox-prune")
                 while True:
                     self._wake.clear()
                     try:
@@ -203,6 +224,41 @@ class OutboxDispatcher:
             slept = group.create_task(self._sleep(self._options.poll_interval_s))
             woken.add_done_callback(lambda _: slept.cancel())
             slept.add_done_callback(lambda _: woken.cancel())
+
+    # -- keeping the outbox bounded ----------------------------------------------------
+
+    async def _prune_forever(self) -> None:
+        while True:
+            try:
+                await self.prune()
+            except (SQLAlchemyError, OSError) as exc:
+                logger.warning("outbox: pruning failed, trying again later: %s", exc)
+            await self._sleep(self._options.prune_interval_s)
+
+    async def prune(self) -> int:
+        """Removes events delivered more than `keep_ms` ago, batch by batch; how many went."""
+        options = self._options
+        before_ms = self._clock_ms() - options.keep_ms
+        removed = 0
+        while True:
+            batch = await prune_delivered(
+                self._sessions, before_ms=before_ms, limit=options.prune_batch
+            )
+            if batch is None:
+                logger.debug("outbox: another process is pruning")
+                break
+            removed += batch
+            self.metrics.pruned.inc(batch)
+            if batch < options.prune_batch:
+                break
+            await self._sleep(options.prune_pause_s)
+        if removed:
+            logger.info(
+                "outbox: pruned %d events delivered more than %.0f days ago",
+                removed,
+                options.keep_ms / _DAY_MS,
+            )
+        return removed
 
     # -- choosing what to attempt ------------------------------------------------------
 

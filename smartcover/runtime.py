@@ -20,7 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alerting.cases import MINUTE_MS, CasePolicy
-from alerting.dispatcher import OutboxDispatcher
+from alerting.dispatcher import DispatchOptions, OutboxDispatcher
 from alerting.engine import AlertEngine, AlertMetrics
 from alerting.notifiers import MqttNotifier, Notifier, WebhookNotifier
 from alerting.outbox import MQTT_CHANNEL, WEBHOOK_CHANNEL
@@ -104,7 +104,12 @@ async def build_service(settings: Settings) -> Service:
         MQTT_CHANNEL: mqtt_notifier,
         WEBHOOK_CHANNEL: WebhookNotifier(RegistryContacts(sessions)),
     }
-    dispatcher = OutboxDispatcher(sessions, notifiers, registry=metrics_registry)
+    dispatcher = OutboxDispatcher(
+        sessions,
+        notifiers,
+        registry=metrics_registry,
+        options=DispatchOptions.from_settings(settings),
+    )
     outbox_signal = OutboxSignal()
 
     def committed() -> None:  # new outbox rows: deliver them, and tell the live streams
