@@ -2,13 +2,15 @@
 
 Two JSON-lines files: the current one and the one before it. When the current file holds
 half the capacity it replaces the older one, so the log keeps between half the capacity
-and the whole of it, newest last, and never grows without bound.
+and the whole of it, newest last, and never grows without bound. `prune` also removes
+letters older than a given time, so none is kept past its age either.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +42,7 @@ class DeadLetterLog:
         self._rotate_at = max(1, capacity // 2)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._count = self._count_lines(path)
+        self._lock = threading.Lock()  # `append` and `prune` come from different threads
 
     @staticmethod
     def _count_lines(path: Path) -> int:
@@ -50,6 +53,10 @@ class DeadLetterLog:
 
     def append(self, letters: Sequence[DeadLetter]) -> None:
         """Writes and fsyncs; the messages behind the letters may be acknowledged after."""
+        with self._lock:
+            self._append(letters)
+
+    def _append(self, letters: Sequence[DeadLetter]) -> None:
         # One call never holds more than a file's worth: beyond that only the newest count.
         letters = letters[-self._rotate_at :]
         room = max(0, self._rotate_at - self._count)
@@ -69,6 +76,13 @@ class DeadLetterLog:
             handle.flush()
             os.fsync(handle.fileno())
         self._count += len(letters)
+
+    def prune(self, before_ms: int) -> int:
+        """Removes the letters written before `before_ms`; returns how many went."""
+        with self._lock:
+            removed = sum(_drop_old(path, before_ms) for path in (self._previous, self._path))
+            self._count = self._count_lines(self._path)
+        return removed
 
     def newest(self, limit: int) -> list[DeadLetter]:
         """The newest `limit` dead letters, newest first."""
@@ -92,3 +106,33 @@ def _read_letters(path: Path) -> list[DeadLetter]:
             except (ValueError, TypeError):
                 continue
     return letters
+
+
+def _is_old(line: bytes, before_ms: int) -> bool:
+    """A letter from before `before_ms`, or a line cut short by a crash (never readable)."""
+    try:
+        at_ms = json.loads(line)["at_ms"]
+    except (ValueError, TypeError, KeyError):
+        return True
+    return not isinstance(at_ms, int) or at_ms < before_ms
+
+
+def _drop_old(path: Path, before_ms: int) -> int:
+    """Removes the old lines at the head of one file (lines are in the order written, so
+    the old ones come first); returns how many. The file is replaced whole and fsync'd."""
+    if not path.exists():
+        return 0
+    lines = path.read_bytes().splitlines(keepends=True)
+    old = 0
+    while old < len(lines) and _is_old(lines[old], before_ms):
+        old += 1
+    if old == len(lines):
+        path.unlink(missing_ok=True)
+    elif old:
+        temporary = path.with_name(path.name + ".tmp")
+        with open(temporary, "wb") as handle:
+            handle.writelines(lines[old:])
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    return old

@@ -49,6 +49,11 @@ class IngestMetrics:
         )
         for reason in Reason:  # every reason is visible from the start, at zero
             self.dead_letters.labels(reason=reason.value)
+        self.dead_letters_pruned = Counter(
+            "smartcover_deadletters_pruned",
+            "Dead letters removed from the log once older than the keep period",
+            registry=registry,
+        )
         self.acknowledged = Counter(
             "smartcover_ingest_acknowledged",
             "Messages acknowledged to the broker",

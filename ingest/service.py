@@ -35,6 +35,9 @@ _MAX_SEALED_BATCHES = 2
 # Reconnect back-off: from half a second up to half a minute, with jitter.
 _RECONNECT_FIRST_S = 0.5
 _RECONNECT_MAX_S = 30.0
+# How often dead letters past their keep period are removed: they are kept for days.
+_PRUNE_INTERVAL_S = 3600.0
+_DAY_MS = 24 * 3600 * 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,7 @@ class IngestOptions:
     batch_size: int
     batch_max_age_s: float
     shutdown_deadline_s: float
+    deadletter_keep_ms: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> IngestOptions:
@@ -63,6 +67,7 @@ class IngestOptions:
             batch_size=settings.batch_size,
             batch_max_age_s=settings.batch_max_age_ms / 1000,
             shutdown_deadline_s=settings.shutdown_deadline_s,
+            deadletter_keep_ms=round(settings.deadletter_keep_days * _DAY_MS),
         )
 
     def topic_filters(self) -> list[tuple[str, int]]:
@@ -185,10 +190,11 @@ class IngestService:
             write_task = group.create_task(self._write_forever(), name="ingest-writer")
             age_task = group.create_task(self._seal_old_batches(), name="ingest-batch-age")
             replay_task = group.create_task(self._writer.replay_forever(), name="spool-replay")
+            prune_task = group.create_task(self._prune_forever(), name="deadletter-prune")
             try:
                 await self._stay_connected(stop)
             finally:
-                for task in (write_task, age_task, replay_task):
+                for task in (write_task, age_task, replay_task, prune_task):
                     task.cancel()
         self._log_summary(time.monotonic() - started)
 
@@ -317,6 +323,17 @@ class IngestService:
             batch = self._batch
             if batch.messages and time.monotonic() - batch.opened_at >= max_age:
                 self._seal()
+
+    async def _prune_forever(self) -> None:
+        """Keeps dead letters no longer than their keep period (the count is bounded too)."""
+        while True:
+            try:
+                await self._writer.prune_dead_letters(
+                    self._clock_ms() - self._options.deadletter_keep_ms
+                )
+            except OSError as exc:
+                logger.warning("cannot prune dead letters, trying again later: %s", exc)
+            await asyncio.sleep(_PRUNE_INTERVAL_S)
 
     def _log_summary(self, elapsed_s: float) -> None:
         totals = self._metrics.totals

@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from core.contract import Reading, Reason
 from core.deadletters import DeadLetter, DeadLetterLog
@@ -294,6 +295,15 @@ class BatchWriter:
         self._metrics.totals.replayed += replayed
         self._metrics.count_stored(replayed)
         logger.info("replayed %d spooled readings", replayed)
+
+    async def prune_dead_letters(self, before_ms: int) -> int:
+        """Removes dead letters written before `before_ms`; returns how many went."""
+        removed = await asyncio.to_thread(self._dead_letters.prune, before_ms)
+        if removed:
+            self._metrics.dead_letters_pruned.inc(removed)
+            before = datetime.fromtimestamp(before_ms / 1000, UTC).isoformat(timespec="seconds")
+            logger.info("pruned %d dead letters written before %s", removed, before)
+        return removed
 
     async def _probe(self) -> None:
         try:

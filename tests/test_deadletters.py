@@ -128,3 +128,45 @@ def test_reopened_log_continues(tmp_path: Path) -> None:
     last = 13 + 10 * capacity - 1
     assert [found.at_ms for found in reopened.newest(3)] == [last, last - 1, last - 2]
     assert capacity // 2 <= lines_on_disk(path) <= capacity
+
+
+def test_prune_removes_letters_older_than_the_cut(tmp_path: Path) -> None:
+    path = tmp_path / "deadletters.jsonl"
+    log = DeadLetterLog(path, capacity=10)
+    for n in range(8):  # 0-4 rotated into the previous file, 5-7 in the current one
+        log.append([letter(n)])
+
+    assert log.prune(before_ms=3) == 3
+    assert [found.at_ms for found in log.newest(20)] == [7, 6, 5, 4, 3]
+    assert lines_on_disk(path) == 5
+
+    assert log.prune(before_ms=6) == 3  # the previous file goes whole, the current in part
+    assert not path.with_name(path.name + ".1").exists()
+    assert [found.at_ms for found in log.newest(20)] == [7, 6]
+    assert log.prune(before_ms=6) == 0
+
+
+def test_prune_of_everything_then_append(tmp_path: Path) -> None:
+    path = tmp_path / "deadletters.jsonl"
+    log = DeadLetterLog(path, capacity=10)
+    log.append([letter(n) for n in range(4)])
+
+    assert log.prune(before_ms=100) == 4
+    assert log.newest(10) == []
+
+    for n in range(100, 106):  # counting starts again: rotation after five
+        log.append([letter(n)])
+    assert [found.at_ms for found in log.newest(20)] == list(range(105, 99, -1))
+    assert lines_on_disk(path) == 6
+
+
+def test_prune_drops_a_line_cut_short_by_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "deadletters.jsonl"
+    log = DeadLetterLog(path, capacity=100)
+    log.append([letter(1)])
+    with open(path, "ab") as handle:
+        handle.write(b'{"at_ms": 2, "topic": "cov\n')
+    log.append([letter(3)])
+
+    assert log.prune(before_ms=2) == 2
+    assert log.newest(10) == [letter(3)]

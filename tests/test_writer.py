@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
@@ -526,3 +527,18 @@ async def test_full_spool_takes_the_batch_once_replay_makes_room(small_spool: Ri
     assert rig.fake.stored == lines(readings(1, 3))
     assert spooled(rig) == [lines(readings(4, 3)), lines(readings(7, 3))]
     assert rig.sample("smartcover_spool_full") == 0
+
+
+@pytest.mark.asyncio
+async def test_pruning_dead_letters_counts_and_logs(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ingest.writer")
+    old = DeadLetter.of(at_ms=NOW_MS - 100, topic="t", reason="schema", detail="", payload=b"")
+    rig.log.append([old, bad_json_letter(1)])
+
+    assert await rig.writer.prune_dead_letters(NOW_MS - 1) == 1
+
+    assert rig.log.newest(10) == [bad_json_letter(1)]
+    assert rig.sample("smartcover_deadletters_pruned_total") == 1
+    assert any(m.startswith("pruned 1 dead letters written before") for m in caplog.messages)
