@@ -44,6 +44,7 @@ bench: install servers
 	$(BIN)/python -m bench.registry
 	$(BIN)/python -m bench.stream
 	$(BIN)/python -m bench.registry_import
+	$(BIN)/python -m bench.outbox_prune
 	$(BIN)/python -m bench.soak
 
 # Everything embedded: broker, stores, a seeded pilot and its storyline. Nothing to install.
