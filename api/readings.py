@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -185,6 +185,23 @@ def whole_hours(window: ReadingWindow) -> ReadingWindow:
     )
 
 
+# Buckets of one part of a window: from the hourly aggregates (True) or raw readings.
+BucketSource = Callable[[bool, ReadingWindow], Awaitable[list["ReadingBucket"]]]
+
+
+async def buckets_across_horizon(
+    window: ReadingWindow, every_s: int, horizon_ms: int, source: BucketSource
+) -> list[ReadingBucket]:
+    """The window's buckets, those before the raw horizon from the hourly aggregates."""
+    old, recent = split_at_horizon(window, every_s, horizon_ms)
+    found = []
+    if old is not None:
+        found += await source(True, whole_hours(old))
+    if recent is not None:
+        found += await source(False, recent)
+    return found
+
+
 # -- InfluxDB ---------------------------------------------------------------------------
 
 _RAW = (
@@ -257,14 +274,11 @@ class InfluxReadingQuery:
         ]
 
     async def buckets(self, window: ReadingWindow, *, every_s: int) -> list[ReadingBucket]:
+        async def source(hourly: bool, part: ReadingWindow) -> list[ReadingBucket]:
+            return await self._buckets(_HOURLY_BUCKETS if hourly else _BUCKETS, part, every_s)
+
         horizon = self._clock_ms() - self._store.raw_retention_ms
-        old, recent = split_at_horizon(window, every_s, horizon)
-        found = []
-        if old is not None:
-            found += await self._buckets(_HOURLY_BUCKETS, whole_hours(old), every_s)
-        if recent is not None:
-            found += await self._buckets(_BUCKETS, recent, every_s)
-        return found
+        return await buckets_across_horizon(window, every_s, horizon, source)
 
     async def _buckets(
         self, query: str, window: ReadingWindow, every_s: int

@@ -11,8 +11,7 @@ from api.readings import (
     ReadingPoint,
     ReadingQuery,
     ReadingWindow,
-    split_at_horizon,
-    whole_hours,
+    buckets_across_horizon,
 )
 from core.clock import wall_clock_ms
 from core.timeseries_sqlite import FIELDS, SqliteReadingStore
@@ -69,14 +68,11 @@ class SqliteReadingQuery:
         ]
 
     async def buckets(self, window: ReadingWindow, *, every_s: int) -> list[ReadingBucket]:
+        async def source(hourly: bool, part: ReadingWindow) -> list[ReadingBucket]:
+            return await self._buckets(_HOURLY_BUCKETS if hourly else _BUCKETS, part, every_s)
+
         horizon = self._clock_ms() - self._store.raw_retention_ms
-        old, recent = split_at_horizon(window, every_s, horizon)
-        found = []
-        if old is not None:
-            found += await self._buckets(_HOURLY_BUCKETS, whole_hours(old), every_s)
-        if recent is not None:
-            found += await self._buckets(_BUCKETS, recent, every_s)
-        return found
+        return await buckets_across_horizon(window, every_s, horizon, source)
 
     async def _buckets(self, sql: str, window: ReadingWindow, every_s: int) -> list[ReadingBucket]:
         width = every_s * 1000

@@ -140,21 +140,14 @@ class UnregisteredLog:
 def _upsert(dialect: str) -> Insert:
     """Insert, or add the readings and move `last_seen_at` of a row that exists."""
     row = UnregisteredDeviceRow
-    if dialect == "postgresql":
-        on_pg = postgresql.insert(row)
-        return on_pg.on_conflict_do_update(
-            index_elements=["device_id"],
-            set_={
-                "last_seen_at": on_pg.excluded.last_seen_at,
-                "readings": row.readings + on_pg.excluded.readings,
-            },
-        )
-    on_sqlite = sqlite.insert(row)
-    return on_sqlite.on_conflict_do_update(
+    statement: postgresql.Insert | sqlite.Insert = (
+        postgresql.insert(row) if dialect == "postgresql" else sqlite.insert(row)
+    )
+    return statement.on_conflict_do_update(
         index_elements=["device_id"],
         set_={
-            "last_seen_at": on_sqlite.excluded.last_seen_at,
-            "readings": row.readings + on_sqlite.excluded.readings,
+            "last_seen_at": statement.excluded.last_seen_at,
+            "readings": row.readings + statement.excluded.readings,
         },
     )
 

@@ -21,6 +21,8 @@ from core.settings import MqttEndpoint, Settings
 from ingest import mqtt
 from ingest.bootstrap import IngestParts, build_ingest
 from ingest.errors import MqttError
+from smartcover.runtime import Service, build_service, run_service
+from smartcover.serve import api_server, serve_api
 from tests.servers import InfluxServer, MosquittoServer, free_port
 
 
@@ -75,6 +77,27 @@ async def running_service(env: dict[str, str]) -> AsyncIterator[IngestParts]:
         stop.set()
         await task
         await parts.store.close()
+
+
+@contextlib.asynccontextmanager
+async def serving_in_process(env: dict[str, str]) -> AsyncIterator[Service]:
+    """`smartcover serve` (ingest, alerting, API) in this event loop, once connected to
+    the broker; shut down in order when the block ends."""
+    built = await build_service(settings_of(env))
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_service(built, stop, api=serve_api(api_server(built), stop)))
+    try:
+        await wait_until(
+            lambda: built.ingest.service.broker_connected or task.done(),
+            timeout_s=10,
+            what="the service to connect",
+        )
+        if task.done():
+            task.result()
+        yield built
+    finally:
+        stop.set()
+        await task
 
 
 class ServiceProcess:

@@ -24,10 +24,9 @@ from core.db import create_engine, session_factory, transaction, upgrade
 from core.registry_schemas import CoverCreate, DeviceCreate
 from core.settings import MqttEndpoint
 from ingest import mqtt
-from smartcover.runtime import Service, build_service, run_service
-from smartcover.serve import api_server, serve_api
+from smartcover.runtime import Service
 from tests.db_fixtures import BACKENDS, fresh_database_url
-from tests.harness import service_env, settings_of, wait_until
+from tests.harness import service_env, serving_in_process, wait_until
 from tests.servers import InfluxServer, MosquittoServer, PostgresServer
 
 pytestmark = pytest.mark.asyncio
@@ -66,13 +65,8 @@ async def service(
         SMARTCOVER_DATABASE_URL=database_url,
         SMARTCOVER_ADMIN_KEY=ADMIN_KEY,
     )
-    built = await build_service(settings_of(env))
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_service(built, stop, api=serve_api(api_server(built), stop)))
-    await wait_until(lambda: built.ingest.service.broker_connected, timeout_s=10)
-    yield built
-    stop.set()
-    await task
+    async with serving_in_process(env) as built:
+        yield built
 
 
 def api(service: Service) -> httpx.AsyncClient:
@@ -98,6 +92,16 @@ async def publish_displaced(service: Service, device_id: str, seq: int = 1) -> N
         await connection.publish(
             f"covers/{device_id}/telemetry", json.dumps(reading).encode(), qos=1
         )
+
+
+async def register_elsewhere(database_url: str, device_id: str) -> None:
+    """A device registered by another process: its own engine, no API in between."""
+    other = create_engine(database_url)
+    try:
+        async with transaction(session_factory(other)) as session:
+            await registry.create_device(session=session, device=DeviceCreate(device_id=device_id))
+    finally:
+        await other.dispose()
 
 
 async def alerts_of(service: Service, cover_id: str) -> list[AlertRow]:
@@ -266,12 +270,7 @@ async def test_a_change_by_another_process_is_evaluated_with_the_next_reading(
 async def test_postgresql_notifies_other_processes_without_waiting_for_a_poll(
     service: Service, database_url: str
 ) -> None:
-    other = create_engine(database_url)
-    try:
-        async with transaction(session_factory(other)) as session:
-            await registry.create_device(session=session, device=DeviceCreate(device_id="SC-E1"))
-    finally:
-        await other.dispose()
+    await register_elsewhere(database_url, "SC-E1")
     # The backup poll runs every 30 s on PostgreSQL: seen sooner means notified.
     await wait_until(
         lambda: service.cache.lookup("SC-E1") is not None, timeout_s=10, what="notification"
@@ -284,12 +283,7 @@ async def test_notifications_resume_after_postgresql_restarts(
     service: Service, database_url: str, postgres_server: PostgresServer
 ) -> None:
     await asyncio.to_thread(postgres_server.restart)
-    other = create_engine(database_url)
-    try:
-        async with transaction(session_factory(other)) as session:
-            await registry.create_device(session=session, device=DeviceCreate(device_id="SC-F1"))
-    finally:
-        await other.dispose()
+    await register_elsewhere(database_url, "SC-F1")
     # The listener reconnects within seconds (and reloads then); the poll would take 30 s.
     await wait_until(
         lambda: service.cache.lookup("SC-F1") is not None, timeout_s=15, what="notification"

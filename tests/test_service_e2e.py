@@ -25,15 +25,14 @@ from core.db import create_engine, session_factory, transaction, upgrade
 from core.registry_schemas import UnitUpdate
 from core.settings import MqttEndpoint
 from ingest import mqtt
-from smartcover.runtime import Service, build_service, run_service
+from smartcover.runtime import Service
 from smartcover.seed import LOW_LYING_ROAD, SeededCover, plan_pilot, seed_pilot
-from smartcover.serve import api_server, serve_api
 from tests.harness import (
     ServiceProcess,
     SteadyPublisher,
     kill_hard,
     service_env,
-    settings_of,
+    serving_in_process,
     wait_until,
 )
 from tests.servers import InfluxServer, MosquittoServer
@@ -105,14 +104,8 @@ async def service(
         SMARTCOVER_DATABASE_URL=database_url,
         SMARTCOVER_ADMIN_KEY=ADMIN_KEY,
     )
-    built = await build_service(settings_of(env))
-    stop = asyncio.Event()
-    api = serve_api(api_server(built), stop)
-    task = asyncio.create_task(run_service(built, stop, api=api))
-    await wait_until(lambda: built.ingest.service.broker_connected, timeout_s=10)
-    yield built
-    stop.set()
-    await task
+    async with serving_in_process(env) as built:
+        yield built
 
 
 async def publish(url: str, readings: list[dict[str, object]]) -> None:
