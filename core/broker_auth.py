@@ -116,6 +116,12 @@ def crew_users(
 # -- the password file ------------------------------------------------------------------
 
 
+def service_password_file(password_file: Path) -> Path:
+    """The service listener's password file, beside the devices' one (`passwd-service`
+    beside `passwd`): a device's credentials must not be valid where the service connects."""
+    return password_file.with_name(f"{password_file.name}-service")
+
+
 def password_file_text(users: Iterable[BrokerUser]) -> str:
     """The password file for these users; a name given twice is an error, not a choice."""
     seen: set[str] = set()
@@ -155,8 +161,11 @@ def acl_text(template: str, unit_codes: Iterable[str]) -> str:
     """The ACL: the project's template, then one read-only block per unit's crew."""
     if ACL_GENERATED_MARK in template:
         raise BrokerAuthError("the ACL template already holds generated blocks: use the original")
-    if not re.search(rf"^user {re.escape(SERVICE_USER)}$", template, re.MULTILINE):
-        raise BrokerAuthError(f"the ACL template has no `user {SERVICE_USER}` block")
+    if re.search(rf"^user {re.escape(SERVICE_USER)}$", template, re.MULTILINE):
+        # The service has a listener and an ACL of its own (mosquitto/acl-service).
+        raise BrokerAuthError(
+            f"the ACL template grants `{SERVICE_USER}`: that belongs in acl-service only"
+        )
     blocks = [template.rstrip("\n"), "", ACL_GENERATED_MARK]
     for code in sorted(set(unit_codes)):
         blocks += [

@@ -302,7 +302,9 @@ def passwords(
     pid_file: PidFileOpt = None,
     reload_cmd: ReloadCmdOpt = None,
 ) -> None:
-    """Writes the whole password file (service, crews, devices) and the ACL, from scratch.
+    """Writes the password files and the ACL from scratch: crews and devices in the
+    password file, the service alone in the one beside it (`<file>-service`), for the
+    service's own listener.
 
     The service's password is the one in SMARTCOVER_MQTT_URL; crews' passwords derive from
     SMARTCOVER_BROKER_CREW_KEY (no crews without it); devices' hashes come from the registry.
@@ -322,18 +324,21 @@ def passwords(
         if crew_key is not None
         else []
     )
+    service_file = broker_auth.service_password_file(password_file)
     try:
-        text = broker_auth.password_file_text([service, *crews, *found.devices])
+        text = broker_auth.password_file_text([*crews, *found.devices])
         with broker_auth.locked(password_file):
             if acl_file is not None:
                 template = acl_template.read_text(encoding="utf-8")
                 acl = broker_auth.acl_text(template, found.unit_codes if crews else [])
                 broker_auth.write_atomically(acl_file, acl)
+            broker_auth.write_atomically(service_file, broker_auth.password_file_text([service]))
             broker_auth.write_atomically(password_file, text)
     except (BrokerAuthError, OSError) as exc:
         raise _fail(f"Broker files not written: {exc}") from None
     console.print(
-        f"{password_file}: the service, {len(crews)} crews, {len(found.devices)} devices."
+        f"{password_file}: {len(crews)} crews, {len(found.devices)} devices;"
+        f" {service_file}: the service."
         + (f" {acl_file}: {len(crews)} crew blocks." if acl_file is not None else ""),
         highlight=False,
     )

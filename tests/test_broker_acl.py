@@ -29,6 +29,7 @@ from tests.servers import LOOPBACK, MOSQUITTO_CONF_D, InfluxServer, MosquittoSer
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_CONF = REPO / "mosquitto" / "mosquitto.conf"
 ACL_TEMPLATE = REPO / "mosquitto" / "acl"
+SERVICE_ACL = REPO / "mosquitto" / "acl-service"
 
 SERVICE_PASSWORD = "service-password-0123456789"  # noqa: S105 (a test broker's)
 CREW_KEY = "crew-key-for-tests-0123456789"
@@ -62,11 +63,14 @@ class ProjectBroker(MosquittoServer):
         assert self.password_file is not None
         assert self.acl_file is not None
         text = PROJECT_CONF.read_text(encoding="utf-8")
+        service_file = broker_auth.service_password_file(self.password_file)
         replacements = {
             r"^listener 1883$": f"listener {self.port} {LOOPBACK}",
             r"^listener 1884$": f"listener {self.service_port} {LOOPBACK}",
-            r"^password_file .+$": f"password_file {self.password_file}",
-            r"^acl_file .+$": f"acl_file {self.acl_file}",
+            r"^password_file .+/passwd$": f"password_file {self.password_file}",
+            r"^password_file .+/passwd-service$": f"password_file {service_file}",
+            r"^acl_file .+/acl$": f"acl_file {self.acl_file}",
+            r"^acl_file .+/acl-service$": f"acl_file {SERVICE_ACL}",
             r"^persistence_location .+$": f"persistence_location {self.data_dir}/",
             r"^log_dest stdout$": f"log_dest file {self.log_path}",
         }
@@ -308,18 +312,26 @@ async def test_a_device_cannot_take_over_the_service_session(world_files: World)
 
 
 @pytest.mark.asyncio
-async def test_wildcards_in_a_client_id_cost_a_device_its_rights(world_files: World) -> None:
-    # Only the private listener keeps the client's own id (a device has no business
-    # there). Mosquitto then denies the pattern rules to an id holding `+` or `#`.
+@pytest.mark.parametrize("protocol", [5, 4])
+async def test_each_listener_knows_only_its_own_users(world_files: World, protocol: int) -> None:
+    # The service listener keeps a client's own id: were a device's credentials valid
+    # there, it could connect as smartcover-ingest and take over the service's session
+    # (its queued readings, and a subscription of its choice left in that session).
     broker = world_files.broker
-    url = f"mqtt://dev-a:{DEVICE_SECRETS['dev-a']}@{broker.host}:{broker.service_port}"
-    for client_id in ("dev-a+", "dev-a#"):
-        async with client(url, client_id) as conn:
-            with pytest.raises(MqttError) as refused:
-                await conn.publish("covers/dev-a/telemetry", payload("dev-a"), qos=1)
-        assert refused.value.reason_code == NOT_AUTHORIZED
-    async with client(url, "dev-a") as conn:
-        await conn.publish("covers/dev-a/telemetry", payload("dev-a"), qos=1)
+    on_service_port = f"mqtt://dev-a:{DEVICE_SECRETS['dev-a']}@{broker.host}:{broker.service_port}"
+    crew = broker_auth.crew_username("W01")
+    crew_password = broker_auth.crew_password(CREW_KEY, "W01")
+    crew_on_service_port = f"mqtt://{crew}:{crew_password}@{broker.host}:{broker.service_port}"
+    service_on_device_port = (
+        f"mqtt://{broker_auth.SERVICE_USER}:{SERVICE_PASSWORD}@{broker.host}:{broker.port}"
+    )
+    for url in (on_service_port, crew_on_service_port, service_on_device_port):
+        for client_id in ("smartcover-ingest", "dev-a"):
+            with pytest.raises(MqttRefused):
+                async with client(url, client_id, protocol=protocol):
+                    pass
+    async with client(broker.service_url(), "smartcover-ingest", protocol=protocol) as service:
+        await service.publish("alerts/W01", b"{}", qos=1)
 
 
 # -- crews ----------------------------------------------------------------------------
@@ -411,7 +423,9 @@ async def test_provision_creates_binds_and_the_broker_accepts_after_reload(
     assert (device.cover_id, device.report_interval_s, device.has_credentials) == (cover, 300, True)
     assert replaced.cover_id is None  # the cover's old device was unbound
     lines = broker_auth.parse_password_file(world_files.password_file.read_text())
-    assert set(lines) == {"smartcover", "crew@W01", "crew@D02", "dev-a", "dev-b", "dev-new"}
+    assert set(lines) == {"crew@W01", "crew@D02", "dev-a", "dev-b", "dev-new"}
+    service_file = broker_auth.service_password_file(world_files.password_file)
+    assert set(broker_auth.parse_password_file(service_file.read_text())) == {"smartcover"}
     assert registry.secret_matches(secret, lines["dev-new"])
 
     url = broker.device_url("dev-new", secret)
@@ -492,8 +506,10 @@ async def test_passwords_needs_the_service_credentials_and_an_acl_for_crews(
     assert done.code == 0, done.stderr
     assert "No crews" in done.stderr
     users = broker_auth.parse_password_file((world_files.workdir / "passwd2").read_text())
-    assert set(users) == {"smartcover", "dev-a", "dev-b"}
-    assert registry.secret_matches(SERVICE_PASSWORD, users["smartcover"])
+    assert set(users) == {"dev-a", "dev-b"}
+    service = broker_auth.parse_password_file((world_files.workdir / "passwd2-service").read_text())
+    assert set(service) == {"smartcover"}
+    assert registry.secret_matches(SERVICE_PASSWORD, service["smartcover"])
 
 
 # -- the files themselves -------------------------------------------------------------
@@ -542,8 +558,8 @@ def test_the_acl_is_the_template_plus_one_block_per_crew() -> None:
     assert "user crew@W01\ntopic read alerts/W01" in acl
     with pytest.raises(BrokerAuthError):
         broker_auth.acl_text(acl, [])  # a generated file is not a template
-    with pytest.raises(BrokerAuthError):
-        broker_auth.acl_text("pattern write covers/%u/telemetry\n", [])
+    with pytest.raises(BrokerAuthError):  # the service's rules belong in acl-service
+        broker_auth.acl_text(SERVICE_ACL.read_text(encoding="utf-8"), [])
 
 
 def test_reload_commands_report_failures(tmp_path: Path) -> None:

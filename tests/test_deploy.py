@@ -252,28 +252,31 @@ def test_only_the_devices_listener_is_published(compose: dict[str, Any]) -> None
 
 def test_the_broker_is_locked_down_with_files_the_jobs_write(compose: dict[str, Any]) -> None:
     options = conf_options(MOSQUITTO_CONF)
-    names = [name for name, _ in options]
-    assert ("allow_anonymous", "false") in options
-    assert ("per_listener_settings", "false") in options
-    assert names.index("per_listener_settings") < names.index("password_file")
-    # use_username_as_clientid belongs to the listener above it: the devices' one.
+    assert options[0] == ("per_listener_settings", "true")  # before any other option
+    assert options[-1][0] == "include_dir"
     listeners = [i for i, (name, _) in enumerate(options) if name == "listener"]
-    devices = options[listeners[0] : listeners[1]]
-    assert devices[0] == ("listener", "1883")
-    assert ("use_username_as_clientid", "true") in devices
-    assert options[listeners[1]] == ("listener", "1884")
-    assert ("use_username_as_clientid", "true") not in options[listeners[1] :]
-    assert names[-1] == "include_dir"
+    devices = dict(options[listeners[0] : listeners[1]])
+    service = dict(options[listeners[1] : -1])
+    assert (devices["listener"], service["listener"]) == ("1883", "1884")
+    # Each listener its own users: a device's credentials are not valid on the service's.
+    for listener in (devices, service):
+        assert listener["allow_anonymous"] == "false"
+    assert devices["use_username_as_clientid"] == "true"
+    assert "use_username_as_clientid" not in service
 
     mosquitto, job = services(compose)["mosquitto"], services(compose)["broker-auth"]
     job_env = environment(job)
-    for option, variable in (
-        ("password_file", devices_cli.PWFILE_ENV),
-        ("acl_file", devices_cli.ACL_FILE_ENV),
-    ):
-        path = conf_value(option)
-        assert job_env[variable] == path, f"the job writes {option} elsewhere"
+    written = {
+        devices["password_file"]: job_env[devices_cli.PWFILE_ENV],
+        devices["acl_file"]: job_env[devices_cli.ACL_FILE_ENV],
+        service["password_file"]: str(
+            broker_auth.service_password_file(Path(job_env[devices_cli.PWFILE_ENV]))
+        ),
+    }
+    for path, by_the_job in written.items():
+        assert path == by_the_job, f"the job writes {path} elsewhere"
         assert host_path(mosquitto, path) == host_path(job, path) == "broker-auth"
+    assert host_path(mosquitto, service["acl_file"]) == REPO / "mosquitto" / "acl-service"
     assert host_path(mosquitto, conf_value("include_dir")) == REPO / "mosquitto" / "conf.d"
     assert host_path(job, job_env[devices_cli.ACL_TEMPLATE_ENV]) == REPO / "mosquitto" / "acl"
     assert job["user"] == "1883:1883"  # the broker's uid reads the files it writes
