@@ -37,6 +37,7 @@ class Reason(StrEnum):
     FUTURE_TS = "future_ts"
     STALE_TS = "stale_ts"
     STORE_REJECTED = "store_rejected"
+    RATE_LIMITED = "rate_limited"  # the device's messages come far faster than a sensor's
 
 
 @dataclass(frozen=True, slots=True)

@@ -120,6 +120,15 @@ class Settings(BaseSettings):
     # Retries of a failing write before the batch goes to the local spool instead.
     write_deadline_s: Annotated[float, Field(gt=0)] = 3.0
     shutdown_deadline_s: Annotated[float, Field(gt=0)] = 15.0
+    # Per device: telemetry messages a second sustained, and at once (a backlog after an
+    # outage); the excess is dead-lettered as `rate_limited`. A rate of 0: no guard.
+    device_rate_per_s: Annotated[float, Field(ge=0)] = 10.0
+    device_rate_burst: Annotated[int, Field(ge=1)] = 600
+    # Per API key, in memory per process: requests a second sustained and at once, and
+    # live streams open at once; beyond, 429 with Retry-After. 0: no limit.
+    api_rate_per_s: Annotated[float, Field(ge=0)] = 20.0
+    api_rate_burst: Annotated[int, Field(ge=1)] = 100
+    api_streams_per_key: Annotated[int, Field(ge=0)] = 5
 
     tilt_confirm_s: Annotated[float, Field(gt=0)] = 30.0
     verify_window_s: Annotated[float, Field(gt=0)] = 1800.0

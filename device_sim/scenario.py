@@ -16,8 +16,10 @@ SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 # starts in the past by up to the scenario's duration, so a day is left as a margin.
 MAX_DURATION_S = 6 * 86400
 MAX_SPEED = 1_000_000
-# Every reason a device's message can be dead-lettered for; store_rejected is the store's.
-DEVICE_REASONS = tuple(reason for reason in Reason if reason is not Reason.STORE_REJECTED)
+# Every reason one device message can be dead-lettered for: store_rejected is the store's,
+# and rate_limited takes a flood of messages, not one.
+_NOT_ONE_MESSAGE = (Reason.STORE_REJECTED, Reason.RATE_LIMITED)
+DEVICE_REASONS = tuple(reason for reason in Reason if reason not in _NOT_ONE_MESSAGE)
 
 AlertKind = Literal[
     "cover_open", "cover_tilted", "cover_displaced", "water_high", "battery_low", "device_silent"
@@ -176,6 +178,8 @@ class MalformedEvent(_Event):
     def _device_reasons(cls, reasons: list[Reason]) -> list[Reason]:
         if Reason.STORE_REJECTED in reasons:
             raise ValueError("store_rejected comes from the store; a device cannot cause it")
+        if Reason.RATE_LIMITED in reasons:
+            raise ValueError("rate_limited takes a flood of messages, not one malformed message")
         return reasons
 
 

@@ -26,6 +26,7 @@ from core.settings import Settings
 from ingest import mqtt
 from ingest.errors import MqttError, MqttRefused
 from ingest.metrics import IngestMetrics
+from ingest.rate_guard import DeviceRateGuard
 from ingest.writer import Batch, BatchWriter
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class IngestService:
         self._metrics = metrics
         self._clock_ms = clock_ms
         self._decoder = TelemetryDecoder()
+        self._rate_guard = DeviceRateGuard.from_settings(settings)
         self._connection: mqtt.MqttConnection | None = None
         self._connection_id = 0
         self._batch = Batch(connection_id=0)
@@ -128,22 +130,12 @@ class IngestService:
         parts = topic.split("/")
         if len(parts) == 3 and parts[2] == "telemetry":
             now_ms = self._clock_ms()
-            # The decoder checks the topic's device id against the contract's pattern.
-            decoded = self._decoder.decode(parts[1], message.payload, now_ms)
-            batch.readings.extend(decoded.readings)
-            batch.covers.extend(self._writer.covers_now(decoded.readings))
-            if self._evaluator is not None:
-                self._evaluate(decoded.readings, now_ms)
-            for rejection in decoded.rejections:
-                batch.dead_letters.append(
-                    DeadLetter.of(
-                        at_ms=now_ms,
-                        topic=topic,
-                        reason=rejection.reason,
-                        detail=rejection.detail,
-                        payload=message.payload,
-                    )
-                )
+            # Before decoding: a flooding device's excess costs no more than this.
+            if self._rate_guard.admit(parts[1]):
+                self._decode_into(batch, message, parts[1], now_ms)
+            else:
+                letter = self._rate_guard.letter(at_ms=now_ms, topic=topic, payload=message.payload)
+                batch.dead_letters.append(letter)
         else:
             batch.dead_letters.append(
                 DeadLetter.of(
@@ -156,6 +148,26 @@ class IngestService:
             )
         if batch.size >= self._options.batch_size or batch.messages >= self._options.batch_size:
             self._seal()
+
+    def _decode_into(
+        self, batch: Batch, message: mqtt.Message, device_id: str, now_ms: int
+    ) -> None:
+        # The decoder checks the topic's device id against the contract's pattern.
+        decoded = self._decoder.decode(device_id, message.payload, now_ms)
+        batch.readings.extend(decoded.readings)
+        batch.covers.extend(self._writer.covers_now(decoded.readings))
+        if self._evaluator is not None:
+            self._evaluate(decoded.readings, now_ms)
+        for rejection in decoded.rejections:
+            batch.dead_letters.append(
+                DeadLetter.of(
+                    at_ms=now_ms,
+                    topic=message.topic,
+                    reason=rejection.reason,
+                    detail=rejection.detail,
+                    payload=message.payload,
+                )
+            )
 
     def _evaluate(self, readings: list[Reading], now_ms: int) -> None:
         evaluator = self._evaluator

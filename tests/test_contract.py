@@ -316,7 +316,8 @@ def test_rejected(case: Rejected) -> None:
 def test_every_decode_reason_is_produced_by_a_case() -> None:
     produced = {case.reason for case in REJECTED}
 
-    assert produced == set(Reason) - {Reason.STORE_REJECTED}
+    # store_rejected comes from the store, rate_limited from the ingest's rate guard.
+    assert produced == set(Reason) - {Reason.STORE_REJECTED, Reason.RATE_LIMITED}
 
 
 @pytest.mark.parametrize(
