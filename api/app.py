@@ -16,6 +16,7 @@ from alerting.cases import CasePolicy
 from api.deps import ApiContext, nothing_to_refresh
 from api.errors import install_error_handlers
 from api.headers import NoSniff
+from api.heavy import HeavyLimiter, HeavyLimits
 from api.readings import ReadingQuery
 from api.routes import cases as case_routes
 from api.routes import dashboard as dashboard_routes
@@ -53,6 +54,7 @@ def create_app(
     stream_config: StreamConfig | None = None,
     clock_ms: Callable[[], int] = wall_clock_ms,
     registry_changed: Callable[[RegistryChange], Awaitable[object]] = nothing_to_refresh,
+    heavy_limits: HeavyLimits | None = None,
 ) -> FastAPI:
     """The app. Without `sessions` only /healthz, /readyz and /metrics are served (an
     ingest-only process); with them, the whole API. `readings` None: the readings
@@ -79,6 +81,7 @@ def create_app(
             clock_ms=clock_ms,
             registry_changed=registry_changed,
         )
+        app.state.heavy = HeavyLimiter(heavy_limits or HeavyLimits())
         for module in (
             registry_routes,
             reading_routes,

@@ -13,13 +13,15 @@ cells in XLSX.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
-from collections.abc import Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, BinaryIO
 from zoneinfo import ZoneInfo
 
 from openpyxl import Workbook
@@ -27,13 +29,16 @@ from openpyxl.cell import WriteOnlyCell
 from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 from openpyxl.styles import Font
 from openpyxl.worksheet._write_only import WriteOnlyWorksheet
-from sqlalchemy import select
+from sqlalchemy import Row, ScalarSelect, Select, SQLColumnExpression, and_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from alerting.models import CaseEventRow, CaseRow, CaseStatus
 from api.periods import local
 from core import registry
-from core.registry_schemas import Cover, Device, Unit
+from core.registry_models import CoverRow, DeviceBindingRow, DeviceRow, RoadRow
+from core.registry_schemas import Unit
+
+logger = logging.getLogger(__name__)
 
 
 class Ledger(StrEnum):
@@ -93,16 +98,6 @@ class Column:
     en: str
     zh: str
     translate: bool = False  # a code a person reads: shown in Chinese with zh headings
-
-
-@dataclass(slots=True)
-class Sheet:
-    """One table of a ledger: its columns and rows of plain values (keyed by column)."""
-
-    title_en: str
-    title_zh: str
-    columns: Sequence[Column]
-    rows: list[dict[str, Any]]
 
 
 CENSUS_COLUMNS = (
@@ -174,58 +169,111 @@ ACCEPTANCE_COLUMNS = (
     Column("resolve_hours", "resolve_hours", "整改用时(小时)"),
 )
 
-# Read the registry in pages of this many rows (its functions are paged).
-_PAGE = 1000
+# Rows come from the database in partitions of this many (server-side cursors): a
+# partition is all a ledger holds at a time, whatever the size of the registry.
+PARTITION = 500
+
+AnySelect = Select[*tuple[Any, ...]]
+AnyRow = Row[*tuple[Any, ...]]
+
+# A table's rows, a partition at a time, as plain values keyed by column.
+Rows = AsyncIterator[list[dict[str, Any]]]
+
+
+@dataclass(slots=True)
+class Sheet:
+    """One table of a ledger: its columns, and its rows as they come from the database."""
+
+    title_en: str
+    title_zh: str
+    columns: Sequence[Column]
+    rows: Rows
 
 
 # -- rows -------------------------------------------------------------------------------
 
 
-async def _all_covers(session: AsyncSession, unit: str | None) -> list[Cover]:
-    covers: list[Cover] = []
-    while True:
-        page = await registry.list_covers(
-            session=session, owner_unit=unit, limit=_PAGE, offset=len(covers)
+async def _partitions(
+    session: AsyncSession, query: AnySelect, shape: Callable[[AnyRow], dict[str, Any]]
+) -> Rows:
+    result = await session.stream(query.execution_options(yield_per=PARTITION))
+    async for partition in result.partitions():
+        yield [shape(row) for row in partition]
+
+
+async def _one_partition(rows: list[dict[str, Any]]) -> Rows:
+    yield rows
+
+
+_OPEN_BINDING = and_(
+    DeviceBindingRow.cover_id == CoverRow.cover_id, DeviceBindingRow.unbound_at.is_(None)
+)
+
+
+def _census_query(unit: str | None) -> AnySelect:
+    # The census columns straight from SQL: one query, no model objects per cover.
+    query = (
+        select(
+            *(getattr(CoverRow, c.key) for c in CENSUS_COLUMNS[:4]),
+            RoadRow.name.label("road"),
+            *(getattr(CoverRow, c.key) for c in CENSUS_COLUMNS[5:14]),
+            DeviceBindingRow.device_id,
+            DeviceRow.report_interval_s,
         )
-        covers += page
-        if len(page) < _PAGE:
-            return covers
+        .join(RoadRow, RoadRow.id == CoverRow.road_id)
+        .outerjoin(DeviceBindingRow, _OPEN_BINDING)
+        .outerjoin(DeviceRow, DeviceRow.device_id == DeviceBindingRow.device_id)
+        .order_by(CoverRow.cover_id)
+    )
+    # covers.owner_unit is indexed (ix_covers_owner_unit).
+    return query if unit is None else query.where(CoverRow.owner_unit == unit)
 
 
-async def _all_devices(session: AsyncSession) -> list[Device]:
-    devices: list[Device] = []
-    while True:
-        page = await registry.list_devices(session=session, limit=_PAGE, offset=len(devices))
-        devices += page
-        if len(page) < _PAGE:
-            return devices
+def _devices_query(unit: str | None) -> AnySelect:
+    query = (
+        select(
+            DeviceRow.device_id,
+            DeviceRow.model,
+            DeviceRow.report_interval_s,
+            DeviceBindingRow.cover_id,
+        )
+        .outerjoin(
+            DeviceBindingRow,
+            and_(
+                DeviceBindingRow.device_id == DeviceRow.device_id,
+                DeviceBindingRow.unbound_at.is_(None),
+            ),
+        )
+        .order_by(DeviceRow.device_id)
+    )
+    if unit is None:
+        return query
+    # A unit's devices: those on its covers.
+    return query.join(CoverRow, CoverRow.cover_id == DeviceBindingRow.cover_id).where(
+        CoverRow.owner_unit == unit
+    )
+
+
+def _mapping(row: AnyRow) -> dict[str, Any]:
+    return dict(row._mapping)
 
 
 async def census_sheets(*, session: AsyncSession, unit: str | None) -> list[Sheet]:
     """Covers (the census file's columns), and the units and devices they refer to."""
-    covers = await _all_covers(session, unit)
-    devices = await _all_devices(session)
-    intervals = {device.device_id: device.report_interval_s for device in devices}
-    cover_rows = [
-        {
-            **cover.model_dump(include={c.key for c in CENSUS_COLUMNS}),
-            "state": cover.state.value,
-            "report_interval_s": intervals.get(cover.device_id) if cover.device_id else None,
-        }
-        for cover in covers
-    ]
     units: list[Unit] = await registry.list_units(session=session)
-    if unit is not None:
-        devices = [d for d in devices if d.cover_id in {c.cover_id for c in covers}]
-        units = [u for u in units if u.code == unit]
     unit_rows = [
-        {**u.model_dump(include={c.key for c in UNIT_COLUMNS}), "kind": u.kind.value} for u in units
+        {**u.model_dump(include={c.key for c in UNIT_COLUMNS}), "kind": u.kind.value}
+        for u in units
+        if unit is None or u.code == unit
     ]
-    device_rows = [d.model_dump(include={c.key for c in DEVICE_COLUMNS}) for d in devices]
     return [
-        Sheet("covers", "井盖", CENSUS_COLUMNS, cover_rows),
-        Sheet("units", "单位", UNIT_COLUMNS, unit_rows),
-        Sheet("devices", "设备", DEVICE_COLUMNS, device_rows),
+        Sheet(
+            "covers", "井盖", CENSUS_COLUMNS, _partitions(session, _census_query(unit), _mapping)
+        ),
+        Sheet("units", "单位", UNIT_COLUMNS, _one_partition(unit_rows)),
+        Sheet(
+            "devices", "设备", DEVICE_COLUMNS, _partitions(session, _devices_query(unit), _mapping)
+        ),
     ]
 
 
@@ -237,25 +285,15 @@ def _times(row: CaseRow, tz: ZoneInfo) -> dict[str, datetime | None]:
     }
 
 
-async def _cases(
-    session: AsyncSession, unit: str | None, statuses: Sequence[str] | None
-) -> list[CaseRow]:
-    query = select(CaseRow).order_by(CaseRow.opened_ms, CaseRow.id)
-    if unit is not None:
-        query = query.where(CaseRow.unit_code == unit)
-    if statuses is not None:
-        query = query.where(CaseRow.status.in_(statuses))
-    return list(await session.scalars(query))
-
-
 async def _unit_names(session: AsyncSession) -> dict[str, str]:
     return {u.code: u.name for u in await registry.list_units(session=session)}
 
 
-def _within(ms: int | None, start_ms: int | None, end_ms: int | None) -> bool:
-    if ms is None:
-        return False
-    return (start_ms is None or ms >= start_ms) and (end_ms is None or ms < end_ms)
+def _period(column: SQLColumnExpression[Any], start_ms: int | None, end_ms: int | None) -> Any:
+    return and_(
+        true() if start_ms is None else column >= start_ms,
+        true() if end_ms is None else column < end_ms,
+    )
 
 
 async def problem_sheets(
@@ -268,8 +306,17 @@ async def problem_sheets(
 ) -> list[Sheet]:
     """Every case opened in [start_ms, end_ms), oldest first."""
     names = await _unit_names(session)
-    rows = [
-        {
+    query = (
+        select(CaseRow)
+        .where(_period(CaseRow.opened_ms, start_ms, end_ms))
+        .order_by(CaseRow.opened_ms, CaseRow.id)
+    )
+    if unit is not None:
+        query = query.where(CaseRow.unit_code == unit)  # cases.unit_code is indexed
+
+    def shape(found: AnyRow) -> dict[str, Any]:
+        row: CaseRow = found[0]
+        return {
             "case_id": row.id,
             "cover_id": row.cover_id,
             "road": row.road,
@@ -285,26 +332,36 @@ async def problem_sheets(
             "reopened": row.reopened,
             "cancel_reason": row.cancel_reason,
         }
-        for row in await _cases(session, unit, None)
-        if _within(row.opened_ms, start_ms, end_ms)
-    ]
+
+    rows = _partitions(session, query, shape)
     return [Sheet("problems", "问题井盖治理台账", PROBLEM_COLUMNS, rows)]
 
 
-async def _last_actors(session: AsyncSession, case_ids: list[int]) -> dict[tuple[int, str], str]:
-    """(case, state) → who moved the case there last."""
-    if not case_ids:
-        return {}
-    events = await session.execute(
-        select(CaseEventRow.case_id, CaseEventRow.to_status, CaseEventRow.actor)
+def _last_actor(to: CaseStatus) -> ScalarSelect[str]:
+    """Who moved the case to `to` last (a correlated subquery)."""
+    return (
+        select(CaseEventRow.actor)
         .where(
-            CaseEventRow.case_id.in_(case_ids),
+            CaseEventRow.case_id == CaseRow.id,  # case_events.case_id is indexed
             CaseEventRow.action == "transition",
-            CaseEventRow.to_status.in_((CaseStatus.VERIFIED.value, CaseStatus.CLOSED.value)),
+            CaseEventRow.to_status == to.value,
         )
-        .order_by(CaseEventRow.at_ms, CaseEventRow.id)
+        .order_by(CaseEventRow.at_ms.desc(), CaseEventRow.id.desc())
+        .limit(1)
+        .scalar_subquery()
     )
-    return {(case_id, str(to)): actor for case_id, to, actor in events}
+
+
+def _acceptance_query(unit: str | None, start_ms: int | None, end_ms: int | None) -> AnySelect:
+    # A float: milliseconds overflow PostgreSQL's integer, and a double holds them exactly.
+    verified = CaseRow.state_times["verified"].as_float()
+    done = (CaseStatus.VERIFIED.value, CaseStatus.CLOSED.value)
+    query = (
+        select(CaseRow, _last_actor(CaseStatus.VERIFIED), _last_actor(CaseStatus.CLOSED))
+        .where(CaseRow.status.in_(done), _period(verified, start_ms, end_ms))
+        .order_by(verified, CaseRow.id)
+    )
+    return query if unit is None else query.where(CaseRow.unit_code == unit)
 
 
 async def acceptance_sheets(
@@ -317,37 +374,30 @@ async def acceptance_sheets(
 ) -> list[Sheet]:
     """Verified and closed cases verified in [start_ms, end_ms), in order of verification."""
     names = await _unit_names(session)
-    done = (CaseStatus.VERIFIED.value, CaseStatus.CLOSED.value)
-    cases = [
-        row
-        for row in await _cases(session, unit, done)
-        if _within(row.state_times.get("verified"), start_ms, end_ms)
-    ]
-    cases.sort(key=lambda row: (row.state_times["verified"], row.id))
-    actors = await _last_actors(session, [row.id for row in cases])
-    rows = []
-    for row in cases:
+
+    def shape(found: AnyRow) -> dict[str, Any]:
+        row: CaseRow = found[0]
         resolved = row.state_times.get("resolved")
-        rows.append(
-            {
-                "case_id": row.id,
-                "cover_id": row.cover_id,
-                "road": row.road,
-                "unit_code": row.unit_code,
-                "unit_name": names.get(row.unit_code),
-                "kinds": list(row.kinds),
-                "status": row.status,
-                "opened_at": local(row.opened_ms, tz),
-                "resolved_at": local(resolved, tz),
-                "verified_at": local(row.state_times.get("verified"), tz),
-                "verified_by": actors.get((row.id, "verified")),
-                "closed_at": local(row.state_times.get("closed"), tz),
-                "closed_by": actors.get((row.id, "closed")),
-                "resolve_hours": (
-                    round((resolved - row.opened_ms) / 3_600_000, 2) if resolved else None
-                ),
-            }
-        )
+        return {
+            "case_id": row.id,
+            "cover_id": row.cover_id,
+            "road": row.road,
+            "unit_code": row.unit_code,
+            "unit_name": names.get(row.unit_code),
+            "kinds": list(row.kinds),
+            "status": row.status,
+            "opened_at": local(row.opened_ms, tz),
+            "resolved_at": local(resolved, tz),
+            "verified_at": local(row.state_times.get("verified"), tz),
+            "verified_by": found[1],
+            "closed_at": local(row.state_times.get("closed"), tz),
+            "closed_by": found[2],
+            "resolve_hours": (
+                round((resolved - row.opened_ms) / 3_600_000, 2) if resolved else None
+            ),
+        }
+
+    rows = _partitions(session, _acceptance_query(unit, start_ms, end_ms), shape)
     return [Sheet("acceptance", "验收销号台账", ACCEPTANCE_COLUMNS, rows)]
 
 
@@ -392,14 +442,21 @@ def heading(column: Column, lang: Lang) -> str:
     return column.zh if lang is Lang.ZH else column.en
 
 
-def render_csv(sheet: Sheet, lang: Lang) -> bytes:
-    """UTF-8 with a BOM: Excel then reads Chinese text right; the census import accepts it."""
+def _csv_lines(rows: Iterable[list[str]]) -> bytes:
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow([heading(column, lang) for column in sheet.columns])
-    for row in sheet.rows:
-        writer.writerow([_csv_text(display(row.get(c.key), c, lang)) for c in sheet.columns])
-    return ("\ufeff" + out.getvalue()).encode()
+    csv.writer(out, lineterminator="\r\n").writerows(rows)
+    return out.getvalue().encode()
+
+
+async def csv_chunks(sheet: Sheet, lang: Lang) -> AsyncIterator[bytes]:
+    """UTF-8 with a BOM (Excel then reads Chinese text right; the census import accepts
+    it), a partition of rows per chunk, each sent as soon as it is read."""
+    yield "\ufeff".encode() + _csv_lines([[heading(column, lang) for column in sheet.columns]])
+    async for partition in sheet.rows:
+        yield _csv_lines(
+            [_csv_text(display(row.get(c.key), c, lang)) for c in sheet.columns]
+            for row in partition
+        )
 
 
 def _cell(sheet: WriteOnlyWorksheet, value: Any) -> Any:
@@ -416,19 +473,38 @@ def _cell(sheet: WriteOnlyWorksheet, value: Any) -> Any:
     return value
 
 
-def render_xlsx(sheets: Sequence[Sheet], lang: Lang) -> bytes:
+def _start_sheet(workbook: Workbook, sheet: Sheet, lang: Lang) -> WriteOnlyWorksheet:
+    ws = workbook.create_sheet(sheet.title_zh if lang is Lang.ZH else sheet.title_en)
+    assert isinstance(ws, WriteOnlyWorksheet)  # a write-only workbook makes no other
+    bold = Font(bold=True)
+    header = []
+    for column in sheet.columns:
+        cell = WriteOnlyCell(ws, value=heading(column, lang))
+        cell.font = bold
+        header.append(cell)
+    ws.append(header)
+    return ws
+
+
+def _append(
+    ws: WriteOnlyWorksheet, columns: Sequence[Column], rows: list[dict[str, Any]], lang: Lang
+) -> None:
+    for row in rows:
+        ws.append([_cell(ws, display(row.get(c.key), c, lang)) for c in columns])
+
+
+def _save(workbook: Workbook, out: BinaryIO) -> None:
+    workbook.save(out)
+    logger.debug("ledger workbook written: %d bytes", out.tell())
+
+
+async def write_xlsx(sheets: Sequence[Sheet], lang: Lang, out: BinaryIO) -> None:
+    """The workbook into `out`. Rows are read here, a partition at a time; cells are made
+    and written in a worker thread (the event loop also runs ingest and alerting): a
+    write-only workbook keeps each sheet in a temporary file, not in memory."""
     workbook = Workbook(write_only=True)
     for sheet in sheets:
-        ws = workbook.create_sheet(sheet.title_zh if lang is Lang.ZH else sheet.title_en)
-        bold = Font(bold=True)
-        header = []
-        for column in sheet.columns:
-            cell = WriteOnlyCell(ws, value=heading(column, lang))
-            cell.font = bold
-            header.append(cell)
-        ws.append(header)
-        for row in sheet.rows:
-            ws.append([_cell(ws, display(row.get(c.key), c, lang)) for c in sheet.columns])
-    out = io.BytesIO()
-    workbook.save(out)
-    return out.getvalue()
+        ws = await asyncio.to_thread(_start_sheet, workbook, sheet, lang)
+        async for partition in sheet.rows:
+            await asyncio.to_thread(_append, ws, sheet.columns, partition, lang)
+    await asyncio.to_thread(_save, workbook, out)

@@ -113,6 +113,11 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: Annotated[int, Field(ge=0, le=65535)] = 8000
     admin_key: SecretStr = SecretStr("")
+    # Heavy requests (ledger exports, census imports) running at once: per key, and in
+    # all for the viewer keys and for the keys of each other role (429 beyond).
+    heavy_per_key: Annotated[int, Field(ge=1)] = 2
+    heavy_viewer_total: Annotated[int, Field(ge=1)] = 2
+    heavy_role_total: Annotated[int, Field(ge=1)] = 4
 
     # A batch is written when it holds this many readings or is this old, whichever first.
     batch_size: Annotated[int, Field(ge=1, le=20000)] = 5000

@@ -30,6 +30,7 @@ from api.app import Readiness
 from api.stream import OutboxSignal
 from core.clock import wall_clock_ms
 from core.db import create_engine, session_factory, upgrade
+from core.looplag import LoopLag
 from core.registry_cache import RegistryCache
 from core.registry_notify import follow_registry
 from core.retention import keep_retention
@@ -180,6 +181,7 @@ async def run_service(
         service.dispatcher.run(),
         _watch_database(service),
         keep_retention(service.ingest.store, service.metrics_registry),
+        LoopLag(service.metrics_registry).run(),  # ingest, alerts and API share the loop
         *(extra or []),
     ]
     try:

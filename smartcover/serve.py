@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from api.app import Readiness, create_app
+from api.heavy import heavy_limits
 from api.readings import InfluxReadingQuery, ReadingQuery
 from api.readings_sqlite import SqliteReadingQuery
 from core.db import create_engine, session_factory, upgrade
@@ -61,6 +62,7 @@ def api_server(service: Service, *, full: bool = True) -> ApiServer:
         case_policy=case_policy(settings),
         outbox_signal=service.outbox_signal,
         registry_changed=service.cache.apply,
+        heavy_limits=heavy_limits(settings),
     )
     return _uvicorn(app, settings)
 
@@ -104,6 +106,7 @@ async def serve_api_only(settings: Settings) -> None:
         readings=reading_query(store),
         admin_key=settings.admin_key,
         case_policy=case_policy(settings),
+        heavy_limits=heavy_limits(settings),
     )
     try:
         logger.info("API on http://%s:%d", settings.api_host, settings.api_port)

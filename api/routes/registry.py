@@ -14,6 +14,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from api.deps import AdminKey, ContextDep, DispatcherKey, SessionDep, ViewerKey, registry_write
 from api.errors import ERRORS, WRITE_ERRORS, Forbidden, TooLarge, Unprocessable, error_doc
+from api.heavy import HeavySlot
 from api.models import Role
 from api.schemas import DEFAULT_LIMIT, CensusReportOut, Limit, Offset, Page, UnitOut, page_of
 from core import registry
@@ -210,6 +211,7 @@ async def import_covers(
     *,
     request: Request,
     _key: AdminKey,
+    _slot: HeavySlot,
     context: ContextDep,
     ignore_unknown: bool = False,
     dry_run: bool = False,
