@@ -17,6 +17,7 @@ from api.deps import ApiContext, nothing_to_refresh
 from api.errors import install_error_handlers
 from api.headers import NoSniff
 from api.heavy import HeavyLimiter, HeavyLimits
+from api.limits import ApiLimits, RequestLimits
 from api.readings import ReadingQuery
 from api.routes import cases as case_routes
 from api.routes import dashboard as dashboard_routes
@@ -54,12 +55,14 @@ def create_app(
     stream_config: StreamConfig | None = None,
     clock_ms: Callable[[], int] = wall_clock_ms,
     registry_changed: Callable[[RegistryChange], Awaitable[object]] = nothing_to_refresh,
+    limits: ApiLimits | None = None,
     heavy_limits: HeavyLimits | None = None,
 ) -> FastAPI:
     """The app. Without `sessions` only /healthz, /readyz and /metrics are served (an
     ingest-only process); with them, the whole API. `readings` None: the readings
     endpoint answers 503. `outbox_signal`: call its `notify()` after writing the outbox
-    to wake the live streams at once, and `close()` at shutdown to end them."""
+    to wake the live streams at once, and `close()` at shutdown to end them. `limits`:
+    body sizes, and each key's request rate and live streams (None: body sizes only)."""
     app = FastAPI(
         title="smartcover",
         version="0.1.0",
@@ -67,6 +70,13 @@ def create_app(
         " cases, ledgers and progress. Authenticate with `Authorization: Bearer <key>`.",
     )
     install_error_handlers(app)
+    if sessions is not None:  # added before NoSniff, so that its refusals carry it too
+        app.add_middleware(
+            RequestLimits,
+            sessions=sessions,
+            admin_key=admin_key,
+            limits=limits or ApiLimits(),
+        )
     app.add_middleware(NoSniff)
     _operations(app, registry, readiness)
     if sessions is not None:

@@ -14,10 +14,10 @@ from prometheus_client import CollectorRegistry
 
 from api.app import Readiness, create_app
 from api.heavy import heavy_limits
+from api.limits import api_limits
 from api.readings import InfluxReadingQuery, ReadingQuery
 from api.readings_sqlite import SqliteReadingQuery
 from core.db import create_engine, session_factory, upgrade
-from core.looplag import LoopLag
 from core.settings import Settings
 from core.timeseries import InfluxStore, ReadingStore
 from core.timeseries_sqlite import SqliteReadingStore
@@ -60,6 +60,7 @@ def api_server(service: Service, *, full: bool = True) -> ApiServer:
         sessions=service.sessions,
         readings=reading_query(service.ingest.store),
         admin_key=settings.admin_key,
+        limits=api_limits(settings),
         case_policy=case_policy(settings),
         outbox_signal=service.outbox_signal,
         registry_changed=service.cache.apply,
@@ -100,22 +101,19 @@ async def serve_api_only(settings: Settings) -> None:
     def readiness() -> Readiness:
         return Readiness({"database": None})
 
-    metrics = CollectorRegistry()
     app = create_app(
-        registry=metrics,
+        registry=CollectorRegistry(),
         readiness=readiness,
         sessions=session_factory(db),
         readings=reading_query(store),
         admin_key=settings.admin_key,
+        limits=api_limits(settings),
         case_policy=case_policy(settings),
         heavy_limits=heavy_limits(settings),
     )
     try:
         logger.info("API on http://%s:%d", settings.api_host, settings.api_port)
-        async with asyncio.TaskGroup() as group:
-            lag = group.create_task(LoopLag(metrics).run())
-            await serve_api(_uvicorn(app, settings), stop)
-            lag.cancel()
+        await serve_api(_uvicorn(app, settings), stop)
     finally:
         await store.close()
         await db.dispose()
