@@ -18,6 +18,7 @@ from api.limits import api_limits
 from api.readings import InfluxReadingQuery, ReadingQuery
 from api.readings_sqlite import SqliteReadingQuery
 from core.db import create_engine, session_factory, upgrade
+from core.looplag import LoopLag
 from core.settings import Settings
 from core.timeseries import InfluxStore, ReadingStore
 from core.timeseries_sqlite import SqliteReadingStore
@@ -101,8 +102,9 @@ async def serve_api_only(settings: Settings) -> None:
     def readiness() -> Readiness:
         return Readiness({"database": None})
 
+    metrics = CollectorRegistry()
     app = create_app(
-        registry=CollectorRegistry(),
+        registry=metrics,
         readiness=readiness,
         sessions=session_factory(db),
         readings=reading_query(store),
@@ -113,7 +115,10 @@ async def serve_api_only(settings: Settings) -> None:
     )
     try:
         logger.info("API on http://%s:%d", settings.api_host, settings.api_port)
-        await serve_api(_uvicorn(app, settings), stop)
+        async with asyncio.TaskGroup() as group:
+            lag = group.create_task(LoopLag(metrics).run())
+            await serve_api(_uvicorn(app, settings), stop)
+            lag.cancel()
     finally:
         await store.close()
         await db.dispose()
