@@ -17,7 +17,7 @@ from api.deps import ApiContext, nothing_to_refresh
 from api.errors import install_error_handlers
 from api.headers import NoSniff
 from api.heavy import HeavyLimiter, HeavyLimits
-from api.limits import ApiLimits, RequestLimits
+from api.limits import ApiLimits, RequestLimits, document_limits
 from api.readings import ReadingQuery
 from api.routes import cases as case_routes
 from api.routes import dashboard as dashboard_routes
@@ -77,6 +77,7 @@ def create_app(
             admin_key=admin_key,
             limits=limits or ApiLimits(),
         )
+        document_limits(app)
     app.add_middleware(NoSniff)
     _operations(app, registry, readiness)
     if sessions is not None:

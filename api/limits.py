@@ -8,7 +8,9 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from fastapi import FastAPI
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.datastructures import Headers
@@ -78,6 +80,45 @@ def api_limits(settings: Settings) -> ApiLimits:
         rate_burst=settings.api_rate_burst,
         streams_per_key=settings.api_streams_per_key,
     )
+
+
+def _error_answer(description: str, retry: bool) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+    }
+    if retry:
+        seconds = {"description": "Seconds to wait", "schema": {"type": "integer", "minimum": 1}}
+        answer["headers"] = {"Retry-After": seconds}
+    return answer
+
+
+_TOO_LARGE = _error_answer("The body is larger than this route allows", retry=False)
+_TOO_MANY = _error_answer("The key is over its request rate or its live streams", retry=True)
+
+
+def document_limits(app: FastAPI) -> None:
+    """States the middleware's answers in the app's OpenAPI schema: 429 on every
+    operation under /api/v1, 413 on those that take a body."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for path, operations in schema.get("paths", {}).items():
+                if path.startswith("/api/v1/"):
+                    for operation in operations.values():
+                        _document_operation(operation)
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's way to extend it
+
+
+def _document_operation(operation: dict[str, Any]) -> None:
+    answers = operation.setdefault("responses", {})
+    answers.setdefault("429", _TOO_MANY)
+    if "requestBody" in operation:
+        answers.setdefault("413", _TOO_LARGE)
 
 
 def _size(count: int) -> str:

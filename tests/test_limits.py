@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from api.app import Readiness, create_app
 from api.limits import ApiLimits, api_limits
@@ -267,3 +268,17 @@ async def test_the_default_limits_admit_a_dashboards_load(database_url: str) -> 
         )
     assert stream.status_code == 200
     assert {answer.status_code for answer in burst} == {200}
+
+
+async def test_the_schema_states_the_limits() -> None:
+    app = create_app(
+        registry=CollectorRegistry(),
+        readiness=lambda: Readiness({}),
+        sessions=async_sessionmaker(),
+    )
+    paths = app.openapi()["paths"]
+
+    assert {"413", "429"} <= set(paths["/api/v1/units"]["post"]["responses"])
+    assert "429" in paths["/api/v1/stream"]["get"]["responses"]
+    assert "413" not in paths["/api/v1/stream"]["get"]["responses"]
+    assert "429" not in paths["/healthz"]["get"]["responses"]
