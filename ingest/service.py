@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from core.clock import wall_clock_ms
-from core.contract import TELEMETRY_FILTER, Reading, Reason, TelemetryDecoder
+from core.contract import TELEMETRY_FILTER, Decoded, Reading, Reason, TelemetryDecoder
 from core.deadletters import DeadLetter
 from core.settings import Settings
 from ingest import mqtt
@@ -130,9 +130,11 @@ class IngestService:
         parts = topic.split("/")
         if len(parts) == 3 and parts[2] == "telemetry":
             now_ms = self._clock_ms()
-            # Before decoding: a flooding device's excess costs no more than this.
-            if self._rate_guard.admit(parts[1]):
-                self._decode_into(batch, message, parts[1], now_ms)
+            # The decoder checks the topic's device id against the contract's pattern.
+            decoded = self._decoder.decode(parts[1], message.payload, now_ms)
+            # After decoding: the readings' own times tell a flood from a backlog.
+            if self._rate_guard.admit(parts[1], decoded.readings, now_ms):
+                self._accept(batch, message, decoded, now_ms)
             else:
                 letter = self._rate_guard.letter(at_ms=now_ms, topic=topic, payload=message.payload)
                 batch.dead_letters.append(letter)
@@ -149,11 +151,7 @@ class IngestService:
         if batch.size >= self._options.batch_size or batch.messages >= self._options.batch_size:
             self._seal()
 
-    def _decode_into(
-        self, batch: Batch, message: mqtt.Message, device_id: str, now_ms: int
-    ) -> None:
-        # The decoder checks the topic's device id against the contract's pattern.
-        decoded = self._decoder.decode(device_id, message.payload, now_ms)
+    def _accept(self, batch: Batch, message: mqtt.Message, decoded: Decoded, now_ms: int) -> None:
         batch.readings.extend(decoded.readings)
         batch.covers.extend(self._writer.covers_now(decoded.readings))
         if self._evaluator is not None:

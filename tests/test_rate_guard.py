@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from core.contract import Reason
+from core.contract import Reading, Reason
 from core.rates import RateTable
 from ingest.bootstrap import deadletter_log
-from ingest.rate_guard import DeviceRateGuard
+from ingest.rate_guard import LIVE_WINDOW_MS, DeviceRateGuard
 from tests.harness import (
     SteadyPublisher,
     reading,
@@ -22,6 +22,13 @@ from tests.harness import (
     wait_until,
 )
 from tests.servers import InfluxServer, MosquittoServer
+
+NOW_MS = 1_800_000_000_000
+
+
+def taken(device_id: str, ago_ms: int) -> list[Reading]:
+    """A message's one reading, taken `ago_ms` before it arrived (at NOW_MS)."""
+    return [Reading(device_id, 1, NOW_MS - ago_ms, 0.5, 0.0, 40.0, 3.6)]
 
 
 class Clock:
@@ -99,7 +106,7 @@ def test_a_flooding_key_is_remembered_across_early_swaps() -> None:
 def test_the_guard_refuses_a_flood_and_says_why() -> None:
     clock = Clock()
     guard = DeviceRateGuard(rate_per_s=2, burst=3, clock=clock)
-    verdicts = [guard.admit("flood-1") for _ in range(5)]
+    verdicts = [guard.admit("flood-1", taken("flood-1", 0), NOW_MS) for _ in range(5)]
     letter = guard.letter(at_ms=5, topic="covers/flood-1/telemetry", payload=b"{}")
 
     assert verdicts == [True, True, True, False, False]
@@ -112,8 +119,8 @@ def test_the_guard_off_and_ids_that_are_not_ids() -> None:
     on = DeviceRateGuard(rate_per_s=1, burst=1)
     too_long = "x" * 65  # not a device id: the decoder dead-letters it, the table skips it
 
-    assert all(off.admit("dev-1") for _ in range(1000))
-    assert all(on.admit(too_long) for _ in range(10))
+    assert all(off.admit("dev-1", [], NOW_MS) for _ in range(1000))
+    assert all(on.admit(too_long, [], NOW_MS) for _ in range(10))
     assert on.devices == 0
 
 
@@ -121,14 +128,26 @@ def test_the_default_never_throttles_a_sensor() -> None:
     # A soak's device: one reading every 5 s, and bursts of a backlog after an outage.
     clock = Clock()
     guard = DeviceRateGuard(rate_per_s=10, burst=600, clock=clock)
-    backlog = [guard.admit("dev-1") for _ in range(500)]
+    recent = [guard.admit("dev-1", taken("dev-1", 5_000), NOW_MS) for _ in range(500)]
     steady = []
     for _ in range(1000):
         clock.now += 0.1  # ten times a sensor's alarm rate
-        steady.append(guard.admit("dev-1"))
+        steady.append(guard.admit("dev-1", taken("dev-1", 0), NOW_MS))
 
-    assert all(backlog)
+    assert all(recent)
     assert all(steady)
+
+
+def test_a_backlog_after_an_outage_is_never_throttled() -> None:
+    # A week away: the broker hands over a sensor's 2,016 five-minute readings at once.
+    guard = DeviceRateGuard(rate_per_s=10, burst=600, clock=Clock())
+    week = [taken("dev-1", LIVE_WINDOW_MS + 1 + n * 300_000) for n in range(2016)]
+    assert all(guard.admit("dev-1", readings, NOW_MS) for readings in week)
+    # The same device flooding live readings now is throttled past its burst.
+    live = [guard.admit("dev-1", taken("dev-1", 0), NOW_MS) for _ in range(700)]
+    assert live.count(False) == 100
+    # A message that decoded to nothing counts as live: garbage cannot slip past.
+    assert not guard.admit("dev-1", [], NOW_MS)
 
 
 @pytest.mark.asyncio
