@@ -289,6 +289,18 @@ async def _unit_names(session: AsyncSession) -> dict[str, str]:
     return {u.code: u.name for u in await registry.list_units(session=session)}
 
 
+def _case_columns(row: CaseRow, names: dict[str, str]) -> dict[str, Any]:
+    """The columns both case ledgers start with: which case, where, whose, about what."""
+    return {
+        "case_id": row.id,
+        "cover_id": row.cover_id,
+        "road": row.road,
+        "unit_code": row.unit_code,
+        "unit_name": names.get(row.unit_code),
+        "kinds": list(row.kinds),
+    }
+
+
 def _period(column: SQLColumnExpression[Any], start_ms: int | None, end_ms: int | None) -> Any:
     return and_(
         true() if start_ms is None else column >= start_ms,
@@ -317,12 +329,7 @@ async def problem_sheets(
     def shape(found: AnyRow) -> dict[str, Any]:
         row: CaseRow = found[0]
         return {
-            "case_id": row.id,
-            "cover_id": row.cover_id,
-            "road": row.road,
-            "unit_code": row.unit_code,
-            "unit_name": names.get(row.unit_code),
-            "kinds": list(row.kinds),
+            **_case_columns(row, names),
             "severity": row.severity,
             "status": row.status,
             "opened_at": local(row.opened_ms, tz),
@@ -379,12 +386,7 @@ async def acceptance_sheets(
         row: CaseRow = found[0]
         resolved = row.state_times.get("resolved")
         return {
-            "case_id": row.id,
-            "cover_id": row.cover_id,
-            "road": row.road,
-            "unit_code": row.unit_code,
-            "unit_name": names.get(row.unit_code),
-            "kinds": list(row.kinds),
+            **_case_columns(row, names),
             "status": row.status,
             "opened_at": local(row.opened_ms, tz),
             "resolved_at": local(resolved, tz),
