@@ -65,7 +65,7 @@ def plan_pilot(
         covers.append(
             SeededCover(
                 cover_id=f"{ADMIN_CODE}01{minor}{index + 1:06d}",
-                device_id=f"SC-{index + 1:05d}",
+                device_id=device_id(index),
                 owner_unit=_owner_of(minor),
                 road=road,
                 lon=round(lon, 6),
