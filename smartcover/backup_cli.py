@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 
 from core import logs
 from core.backup import BackupError, backup, redacted, restore
 from core.settings import Settings
+from smartcover.cli_settings import load_settings
 
 errors = Console(stderr=True)
 
@@ -21,11 +21,7 @@ EXIT_UNUSABLE = 2  # settings refused, or the backup or restore refused or faile
 
 
 def _settings() -> Settings:
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        errors.print(f"[red]Invalid settings:[/red]\n{exc}")
-        raise typer.Exit(EXIT_UNUSABLE) from None
+    settings = load_settings()
     logs.configure(settings.log_level)
     # Alembic's "Running upgrade" lines say what our one summary line says.
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from core import logs
-from core.settings import Settings
 from ingest.bootstrap import ConfigurationError, deadletter_log
 from smartcover.backup_cli import backup_command, restore_command
+from smartcover.cli_settings import load_settings
 from smartcover.devices_cli import app as devices_app
 from smartcover.keys_cli import app as keys_app
 from smartcover.registry_cli import covers_app, db_app, units_app
@@ -41,18 +40,10 @@ app.command("retention")(retention_command)
 console = Console()
 
 
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        console.print(f"[red]Invalid settings:[/red]\n{exc}")
-        raise typer.Exit(2) from None
-
-
 def _run_server(part: str) -> None:
     from smartcover import serve as serving  # noqa: PLC0415 -- keeps `--help` fast
 
-    settings = _settings()
+    settings = load_settings()
     logs.configure(settings.log_level)
     try:
         if part == "api":
@@ -105,7 +96,7 @@ def deadletters(
     limit: Annotated[int, typer.Option(help="How many of the newest to show.")] = 20,
 ) -> None:
     """Lists the newest dead letters: time, topic, reason and the start of the payload."""
-    letters = deadletter_log(_settings()).newest(limit)
+    letters = deadletter_log(load_settings()).newest(limit)
     table = Table("time (UTC)", "topic", "reason", "detail", "payload", show_lines=False)
     for letter in letters:
         when = datetime.fromtimestamp(letter.at_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")

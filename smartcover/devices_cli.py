@@ -19,6 +19,7 @@ from core.broker_auth import SERVICE_USER, BrokerAuthError, BrokerUser
 from core.registry_errors import NotFound, RegistryError
 from core.registry_schemas import DeviceCreate, DeviceUpdate
 from core.settings import Settings
+from smartcover.cli_settings import load_settings
 
 app = typer.Typer(
     help="Devices' broker credentials; the broker's password file and ACL.",
@@ -61,14 +62,6 @@ ReloadCmdOpt = Annotated[
         help=f"Reload the broker with this command instead (no shell) [{RELOAD_CMD_ENV}].",
     ),
 ]
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        errors.print(f"[red]Invalid settings:[/red]\n{exc}")
-        raise typer.Exit(EXIT_UNUSABLE) from None
 
 
 def _fail(message: str) -> typer.Exit:
@@ -205,7 +198,7 @@ def provision(
     The secret is printed once and stored nowhere but as a hash, in the registry and in
     the broker's password file. Running it again for the same device rotates the secret.
     """
-    settings = _settings()
+    settings = load_settings()
     logs.configure(settings.log_level)
     password_file = _password_file(password_file, settings)
     try:
@@ -309,7 +302,7 @@ def passwords(
     The service's password is the one in SMARTCOVER_MQTT_URL; crews' passwords derive from
     SMARTCOVER_BROKER_CREW_KEY (no crews without it); devices' hashes come from the registry.
     """
-    settings = _settings()
+    settings = load_settings()
     logs.configure(settings.log_level)
     password_file = _password_file(password_file, settings)
     acl_file = acl_file or settings.broker_acl_file
@@ -356,7 +349,7 @@ def crew(unit: Annotated[str, typer.Argument(help="The unit's code.")]) -> None:
 
     They follow from SMARTCOVER_BROKER_CREW_KEY; the crew may read alerts/<unit> only.
     """
-    settings = _settings()
+    settings = load_settings()
     logs.configure(settings.log_level)
     crew_key = _crew_key(settings)
     if crew_key is None:

@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
@@ -18,7 +17,7 @@ from api.errors import ApiError
 from api.keys import ApiKey, create_key, list_keys, revoke_key
 from api.models import Role
 from core import db, logs
-from core.settings import Settings
+from smartcover.cli_settings import load_settings
 
 app = typer.Typer(
     help="API keys: create (the key is shown once), list, revoke.", no_args_is_help=True
@@ -33,11 +32,7 @@ _T = TypeVar("_T")
 
 def _run(work: Callable[[async_sessionmaker[AsyncSession]], Awaitable[_T]]) -> _T:
     """Runs `work` in one transaction on the configured database, which must be migrated."""
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        errors.print(f"[red]Invalid settings:[/red]\n{exc}")
-        raise typer.Exit(EXIT_UNUSABLE) from None
+    settings = load_settings()
     logs.configure(settings.log_level)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 

@@ -22,6 +22,7 @@ from core.census import summary as census_summary
 from core.registry_errors import RegistryError
 from core.registry_schemas import Unit, UnitKind
 from core.settings import Settings
+from smartcover.cli_settings import load_settings
 
 covers_app = typer.Typer(help="The cover registry: census import, listing.", no_args_is_help=True)
 units_app = typer.Typer(help="Owner and maintainer units.", no_args_is_help=True)
@@ -36,14 +37,6 @@ EXIT_UNUSABLE = 2
 _T = TypeVar("_T")
 
 
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        errors.print(f"[red]Invalid settings:[/red]\n{exc}")
-        raise typer.Exit(EXIT_UNUSABLE) from None
-
-
 def _configure_logging(settings: Settings, *, migrating: bool = False) -> None:
     logs.configure(settings.log_level)
     if not migrating:
@@ -53,7 +46,7 @@ def _configure_logging(settings: Settings, *, migrating: bool = False) -> None:
 
 def _run(work: Callable[[async_sessionmaker[AsyncSession]], Awaitable[_T]]) -> _T:
     """Runs `work` against the configured database, which must be migrated."""
-    settings = _settings()
+    settings = load_settings()
     _configure_logging(settings)
 
     async def main() -> _T:
@@ -90,7 +83,7 @@ async def _require_migrated(engine: AsyncEngine) -> None:
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Creates or migrates the tables to the newest revision (safe to run again)."""
-    settings = _settings()
+    settings = load_settings()
     _configure_logging(settings, migrating=True)
 
     async def main() -> str | None:

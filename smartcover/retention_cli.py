@@ -10,13 +10,11 @@ from __future__ import annotations
 import asyncio
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 
 from core import logs, retention_influx
 from core.clock import wall_clock_ms
 from core.retention import backfill_influx, maintain_sqlite
-from core.settings import Settings
 from core.timeseries import (
     DAY_MS,
     HOURLY_POLICY,
@@ -27,6 +25,7 @@ from core.timeseries import (
 )
 from core.timeseries_sqlite import SqliteReadingStore
 from ingest.bootstrap import build_store
+from smartcover.cli_settings import load_settings
 
 console = Console()
 
@@ -39,11 +38,7 @@ def retention_command() -> None:
     SMARTCOVER_INFLUX_USER=admin SMARTCOVER_INFLUX_PASSWORD=… smartcover retention).
     On the embedded store: aggregates and prunes whatever is due.
     """
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        console.print(f"[red]Invalid settings:[/red]\n{exc}")
-        raise typer.Exit(2) from None
+    settings = load_settings()
     logs.configure(settings.log_level)
     if not asyncio.run(_apply(build_store(settings))):
         raise typer.Exit(1)
