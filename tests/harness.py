@@ -21,6 +21,7 @@ from core.settings import MqttEndpoint, Settings
 from ingest import mqtt
 from ingest.bootstrap import IngestParts, build_ingest
 from ingest.errors import MqttError
+from ingest.service import IngestService
 from smartcover.runtime import Service, build_service, run_service
 from smartcover.serve import api_server, serve_api
 from tests.servers import InfluxServer, MosquittoServer, free_port
@@ -58,6 +59,17 @@ async def wait_until(
         await asyncio.sleep(interval_s)
 
 
+async def _connected(service: IngestService, task: asyncio.Task[None]) -> None:
+    """Until `service` is connected to its broker; its own error if it ended instead."""
+    await wait_until(
+        lambda: service.broker_connected or task.done(),
+        timeout_s=10,
+        what="the service to connect",
+    )
+    if task.done():
+        task.result()
+
+
 @contextlib.asynccontextmanager
 async def running_service(env: dict[str, str]) -> AsyncIterator[IngestParts]:
     """The ingest pipeline in this event loop, stopped (drained) when the block ends."""
@@ -65,13 +77,7 @@ async def running_service(env: dict[str, str]) -> AsyncIterator[IngestParts]:
     stop = asyncio.Event()
     task = asyncio.create_task(parts.service.run(stop))
     try:
-        await wait_until(
-            lambda: parts.service.broker_connected or task.done(),
-            timeout_s=10,
-            what="the service to connect",
-        )
-        if task.done():
-            task.result()
+        await _connected(parts.service, task)
         yield parts
     finally:
         stop.set()
@@ -87,13 +93,7 @@ async def serving_in_process(env: dict[str, str]) -> AsyncIterator[Service]:
     stop = asyncio.Event()
     task = asyncio.create_task(run_service(built, stop, api=serve_api(api_server(built), stop)))
     try:
-        await wait_until(
-            lambda: built.ingest.service.broker_connected or task.done(),
-            timeout_s=10,
-            what="the service to connect",
-        )
-        if task.done():
-            task.result()
+        await _connected(built.ingest.service, task)
         yield built
     finally:
         stop.set()
