@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from sqlalchemy import delete, select
+from sqlalchemy import Insert, delete, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from alerting.cases import CaseDesk, CasePolicy, CoverInfo, DeskOutcome
@@ -440,12 +441,14 @@ class AlertEngine:
             return
         try:
             async with transaction(self._sessions) as session:
-                for device_id in sorted(dirty):
-                    last_ts, last_seen = self._progress[device_id]
-                    await session.merge(
-                        DeviceProgress(
-                            device_id=device_id, last_ts_ms=last_ts, last_seen_ms=last_seen
-                        )
+                dialect = (await session.connection()).dialect.name
+                rows = [
+                    _progress_row(device_id, self._progress[device_id])
+                    for device_id in sorted(dirty)
+                ]
+                for start in range(0, len(rows), _PROGRESS_CHUNK):
+                    await session.execute(
+                        _progress_upsert(dialect), rows[start : start + _PROGRESS_CHUNK]
                     )
         except BaseException:
             self._dirty_progress |= dirty
@@ -510,3 +513,29 @@ class AlertEngine:
     @property
     def active_states(self) -> int:
         return sum(1 for state in self._states.values() if state.active)
+
+
+# Device progress rows written per statement: one multi-row upsert instead of a SELECT and
+# a write per device (`session.merge` took about half the service's CPU at 2,000
+# readings/s); the chunk keeps each statement under the drivers' parameter limits.
+_PROGRESS_CHUNK = 2000
+
+
+def _progress_row(device_id: str, progress: tuple[int, int]) -> dict[str, Any]:
+    last_ts, last_seen = progress
+    return {"device_id": device_id, "last_ts_ms": last_ts, "last_seen_ms": last_seen}
+
+
+def _progress_upsert(dialect: str) -> Insert:
+    """Insert a device's progress, or overwrite the row that exists (as `merge` did)."""
+    row = DeviceProgress
+    statement: postgresql.Insert | sqlite.Insert = (
+        postgresql.insert(row) if dialect == "postgresql" else sqlite.insert(row)
+    )
+    return statement.on_conflict_do_update(
+        index_elements=["device_id"],
+        set_={
+            "last_ts_ms": statement.excluded.last_ts_ms,
+            "last_seen_ms": statement.excluded.last_seen_ms,
+        },
+    )

@@ -20,6 +20,7 @@ from alerting.models import (
     CaseEventRow,
     CaseRow,
     DeliveryRow,
+    DeviceProgress,
     OutboxRow,
 )
 from alerting.rules import CoverRule
@@ -273,6 +274,24 @@ async def test_restart_neither_loses_nor_duplicates(
     await second.commit_pending()
     [alert] = [a for a in await rows(sessions, AlertRow) if isinstance(a, AlertRow)]
     assert alert.status == "active"
+
+
+async def test_device_progress_is_inserted_then_updated_and_reloaded(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    engine = make_engine(sessions, Clock())
+    engine.evaluate(reading("dev-1", T0), T0)
+    engine.evaluate(reading("dev-2", T0 + 5), T0 + 10)
+    await engine.flush_progress()  # both rows new
+    engine.evaluate(reading("dev-1", T0 + 2000), T0 + 2500)
+    engine.evaluate(reading("dev-1", T0 + 1000), T0 + 3000)  # late: ts stays, seen moves
+    await engine.flush_progress()  # one row updated, the other untouched
+    stored = {
+        row.device_id: (row.last_ts_ms, row.last_seen_ms)
+        for row in await rows(sessions, DeviceProgress)
+        if isinstance(row, DeviceProgress)
+    }
+    assert stored == {"dev-1": (T0 + 2000, T0 + 3000), "dev-2": (T0 + 5, T0 + 10)}
 
 
 async def test_database_enforces_one_active_alert_and_one_open_case(
