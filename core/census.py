@@ -20,6 +20,7 @@ The rules:
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import logging
@@ -792,27 +793,13 @@ async def import_census(
     """
     layout = _layout(table.header, ignore_unknown=ignore_unknown)
     registry = await _load_registry(session)
-    checker = _Checker(registry, layout)
     report = CensusReport(dry_run=dry_run, ignored_columns=layout.ignored)
-    valid: list[_Cover] = []
-    intern = _Interner()
-    for number, cells in table.rows:
-        if all(cell is None or (isinstance(cell, str) and not cell.strip()) for cell in cells):
-            continue
-        report.rows += 1
-        row, errors = _parse_row(number, cells, layout)
-        errors += checker.check(row)
-        if errors:
-            report.errors += errors
-            report.rejected_rows += 1
-        else:
-            valid.append(_compact(row, intern))
-    if report.errors and not skip_invalid:
+    # Checking a city's rows is seconds of CPU: in a thread, so the event loop that
+    # evaluates alarms in the same process is not held up (the registry is our own copy).
+    plan = await asyncio.to_thread(_check_and_plan, table, layout, registry, report, skip_invalid)
+    if plan is None:
         logger.info("census rejected: %d of %d rows", report.rejected_rows, report.rows)
         return report
-    plan = _plan(valid, registry, layout.present)
-    _count(report, plan)
-    report.bindings_ended = len(_ended_bindings(plan, registry))
     if not dry_run and not plan.empty:
         try:
             await _write(session, plan, registry)
@@ -831,6 +818,36 @@ async def import_census(
         report.rejected_rows,
     )
     return report
+
+
+def _check_and_plan(
+    table: CensusTable,
+    layout: _Layout,
+    registry: _Registry,
+    report: CensusReport,
+    skip_invalid: bool,
+) -> _Plan | None:
+    """Checks every row into `report`; the plan of the writes, or None when rejected."""
+    checker = _Checker(registry, layout)
+    valid: list[_Cover] = []
+    intern = _Interner()
+    for number, cells in table.rows:
+        if all(cell is None or (isinstance(cell, str) and not cell.strip()) for cell in cells):
+            continue
+        report.rows += 1
+        row, errors = _parse_row(number, cells, layout)
+        errors += checker.check(row)
+        if errors:
+            report.errors += errors
+            report.rejected_rows += 1
+        else:
+            valid.append(_compact(row, intern))
+    if report.errors and not skip_invalid:
+        return None
+    plan = _plan(valid, registry, layout.present)
+    _count(report, plan)
+    report.bindings_ended = len(_ended_bindings(plan, registry))
+    return plan
 
 
 def _count(report: CensusReport, plan: _Plan) -> None:
