@@ -54,6 +54,16 @@ class IngestMetrics:
             "Dead letters removed from the log once older than the keep period",
             registry=registry,
         )
+        self.foreign_messages = Counter(
+            "smartcover_ingest_foreign_subscription_messages",
+            "Messages delivered through a subscription the service did not make",
+            registry=registry,
+        )
+        self.foreign_subscriptions_removed = Counter(
+            "smartcover_ingest_foreign_subscriptions_removed",
+            "Subscriptions the service did not make, removed from its MQTT session",
+            registry=registry,
+        )
         self.acknowledged = Counter(
             "smartcover_ingest_acknowledged",
             "Messages acknowledged to the broker",

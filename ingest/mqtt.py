@@ -30,9 +30,11 @@ logger = logging.getLogger(__name__)
 # Control packet types (high nibble of the first byte).
 _CONNECT, _CONNACK, _PUBLISH, _PUBACK = 0x10, 0x20, 0x30, 0x40
 _SUBSCRIBE, _SUBACK, _PINGREQ, _PINGRESP, _DISCONNECT = 0x82, 0x90, 0xC0, 0xD0, 0xE0
+_UNSUBSCRIBE, _UNSUBACK = 0xA2, 0xB0
 # MQTT 5 property identifiers used here.
 _PROP_SESSION_EXPIRY, _PROP_RECEIVE_MAXIMUM, _PROP_SERVER_KEEP_ALIVE = 0x11, 0x21, 0x13
 _PROP_REASON_STRING = 0x1F
+_PROP_SUBSCRIPTION_ID = 0x0B
 # Reason codes at or above this value are failures (MQTT 5 §2.4).
 _FAILURE = 0x80
 # CONNACK reasons after which retrying with the same credentials is pointless.
@@ -58,6 +60,10 @@ class Message:
     packet_id: int
     retain: bool
     dup: bool
+    # False when the connection subscribed with a Subscription Identifier and this
+    # message carries none of its identifiers: a subscription someone else left in our
+    # persistent session delivered it.
+    ours: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,12 +141,26 @@ def connect_packet(options: SessionOptions, endpoint: MqttEndpoint) -> bytes:
 
 
 def subscribe_packet(
-    packet_id: int, filters: Iterable[tuple[str, int]], *, v5: bool = True
+    packet_id: int,
+    filters: Iterable[tuple[str, int]],
+    *,
+    v5: bool = True,
+    subscription_id: int | None = None,
 ) -> bytes:
-    body = struct.pack("!H", packet_id) + (_varint(0) if v5 else b"")
+    properties = b""
+    if v5 and subscription_id is not None:
+        properties = bytes((_PROP_SUBSCRIPTION_ID,)) + _varint(subscription_id)
+    body = struct.pack("!H", packet_id) + (_varint(len(properties)) + properties if v5 else b"")
     for topic_filter, qos in filters:
         body += _utf8(topic_filter) + bytes((qos,))
     return _packet(_SUBSCRIBE, body)
+
+
+def unsubscribe_packet(packet_id: int, filters: Iterable[str], *, v5: bool = True) -> bytes:
+    body = struct.pack("!H", packet_id) + (_varint(0) if v5 else b"")
+    for topic_filter in filters:
+        body += _utf8(topic_filter)
+    return _packet(_UNSUBSCRIBE, body)
 
 
 def publish_packet(
@@ -184,6 +204,23 @@ def _skip_property(data: bytes, index: int, identifier: int) -> int:
     return index + 2 + int(struct.unpack_from("!H", data, index)[0])
 
 
+def _subscription_ids(data: bytes, index: int, end: int) -> set[int]:
+    """The Subscription Identifiers among a PUBLISH's properties (index..end)."""
+    found: set[int] = set()
+    while index < end:
+        identifier = data[index]
+        index += 1
+        if identifier == _PROP_SUBSCRIPTION_ID:
+            decoded = _read_varint(data, index)
+            if decoded is None:
+                raise MqttError("Subscription Identifier is truncated")
+            found.add(decoded[0])
+            index = decoded[1]
+        else:
+            index = _skip_property(data, index, identifier)
+    return found
+
+
 def _server_keepalive(data: bytes, start: int) -> int | None:
     decoded = _read_varint(data, start)
     if decoded is None:
@@ -223,6 +260,8 @@ class MqttConnection(asyncio.Protocol):
         self.session_present = False
         self.last_received = time.monotonic()
         self.keepalive_s = 0
+        # Identifiers this connection subscribed with; empty: every message counts as ours.
+        self._subscription_ids: set[int] = set()
 
     # asyncio.Protocol callbacks
 
@@ -273,7 +312,7 @@ class MqttConnection(asyncio.Protocol):
         kind = first_byte & 0xF0
         if kind == _PUBLISH:
             self._handle_publish(first_byte, body)
-        elif kind in (_PUBACK, _SUBACK & 0xF0):
+        elif kind in (_PUBACK, _SUBACK & 0xF0, _UNSUBACK):
             self._settle(body)
         elif kind == _CONNACK:
             self._handle_connack(body)
@@ -296,17 +335,34 @@ class MqttConnection(asyncio.Protocol):
         if qos:
             (packet_id,) = struct.unpack_from("!H", body, index)
             index += 2
+        ours = True
         if not self._v5:
             pass
-        elif body[index] == 0:  # no properties: the common case
+        elif body[index] == 0:  # no properties
             index += 1
+            ours = not self._subscription_ids
+        elif (
+            body[index] == 2 and body[index + 1] == _PROP_SUBSCRIPTION_ID and body[index + 2] < 128
+        ):
+            # Only our one-byte Subscription Identifier: the common case once subscribed.
+            ours = not self._subscription_ids or body[index + 2] in self._subscription_ids
+            index += 3
         else:
             decoded = _read_varint(body, index)
             if decoded is None:
                 raise MqttError("PUBLISH properties are truncated")
-            index = decoded[1] + decoded[0]
+            end = decoded[1] + decoded[0]
+            if self._subscription_ids:
+                ours = bool(_subscription_ids(body, decoded[1], end) & self._subscription_ids)
+            index = end
         message = Message(
-            topic, body[index:], qos, packet_id, bool(first_byte & 0x01), bool(first_byte & 0x08)
+            topic,
+            body[index:],
+            qos,
+            packet_id,
+            bool(first_byte & 0x01),
+            bool(first_byte & 0x08),
+            ours,
         )
         self._on_message(message)
 
@@ -413,9 +469,19 @@ class MqttConnection(asyncio.Protocol):
     def reading_paused(self) -> bool:
         return self._paused
 
-    async def subscribe(self, filters: list[tuple[str, int]], timeout_s: float = 10.0) -> None:
+    async def subscribe(
+        self,
+        filters: list[tuple[str, int]],
+        timeout_s: float = 10.0,
+        *,
+        subscription_id: int | None = None,
+    ) -> None:
+        """Subscribes; with a `subscription_id` (MQTT 5), messages that do not carry it
+        arrive with `ours` False."""
         packet_id = self._new_packet_id()
-        packet = subscribe_packet(packet_id, filters, v5=self._v5)
+        packet = subscribe_packet(packet_id, filters, v5=self._v5, subscription_id=subscription_id)
+        if subscription_id is not None and self._v5:
+            self._subscription_ids.add(subscription_id)
         reply = await self._request(packet_id, packet, timeout_s)
         if self._v5:
             decoded = _read_varint(reply, 0)
@@ -427,6 +493,18 @@ class MqttConnection(asyncio.Protocol):
                 raise MqttRefused(
                     f"subscription to {topic_filter!r} refused (0x{code:02x})", reason_code=code
                 )
+
+    async def unsubscribe(self, filters: list[str], timeout_s: float = 10.0) -> list[int]:
+        """Unsubscribes; MQTT 5 answers a reason code per filter (0x00 removed, 0x11 there
+        was no such subscription), MQTT 3.1.1 answers none (an empty list)."""
+        packet_id = self._new_packet_id()
+        reply = await self._request(
+            packet_id, unsubscribe_packet(packet_id, filters, v5=self._v5), timeout_s
+        )
+        if not self._v5:
+            return []
+        decoded = _read_varint(reply, 0)
+        return list(reply[decoded[1] + decoded[0] :]) if decoded else []
 
     async def publish(
         self,

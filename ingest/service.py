@@ -20,11 +20,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from core.clock import wall_clock_ms
-from core.contract import TELEMETRY_FILTER, Decoded, Reading, Reason, TelemetryDecoder
+from core.contract import Decoded, Reading, Reason, TelemetryDecoder
 from core.deadletters import DeadLetter
 from core.settings import Settings
 from ingest import mqtt
 from ingest.errors import MqttError, MqttRefused
+from ingest.foreign_subscriptions import (
+    SERVICE_SUBSCRIPTION_ID,
+    ForeignSubscriptions,
+    own_filter,
+)
 from ingest.metrics import IngestMetrics
 from ingest.rate_guard import DeviceRateGuard
 from ingest.writer import Batch, BatchWriter
@@ -72,10 +77,7 @@ class IngestOptions:
         )
 
     def topic_filters(self) -> list[tuple[str, int]]:
-        telemetry = TELEMETRY_FILTER
-        if self.share_group:
-            telemetry = f"$share/{self.share_group}/{TELEMETRY_FILTER}"
-        return [(telemetry, 1)]
+        return [(own_filter(self.share_group), 1)]
 
 
 class ReadingEvaluator(Protocol):
@@ -112,6 +114,11 @@ class IngestService:
         self._batch = Batch(connection_id=0)
         self._sealed: asyncio.Queue[Batch] = asyncio.Queue()
         self._stopping = False
+        self._foreign = ForeignSubscriptions(
+            [own_filter(self._options.share_group)],
+            self._options.share_group,
+            on_removed=metrics.foreign_subscriptions_removed.inc,
+        )
 
     @property
     def broker_connected(self) -> bool:
@@ -127,6 +134,13 @@ class IngestService:
         if message.packet_id:
             batch.packet_ids.append(message.packet_id)
         topic = message.topic
+        if not message.ours:
+            # Still ingested (it may be one queued before we subscribed with our
+            # identifier, and a second copy is stored idempotently); the subscription
+            # that delivered it is looked for and removed.
+            self._metrics.foreign_messages.inc()
+            if self._connection is not None:
+                self._foreign.noticed(self._connection, topic)
         parts = topic.split("/")
         if len(parts) == 3 and parts[2] == "telemetry":
             now_ms = self._clock_ms()
@@ -246,7 +260,10 @@ class IngestService:
         self._metrics.broker_connected.set(1)
 
     async def _serve_connection(self, connection: mqtt.MqttConnection, stop: asyncio.Event) -> None:
-        await connection.subscribe(self._options.topic_filters())
+        await connection.subscribe(
+            self._options.topic_filters(), subscription_id=SERVICE_SUBSCRIPTION_ID
+        )
+        await self._foreign.on_connect(connection)
         logger.info(
             "MQTT connected to %s:%d as %s (session present: %s)",
             self._endpoint.host,
