@@ -19,6 +19,7 @@ from typing import Any, Protocol, Self
 
 import httpx
 
+from core.outbound import OutboundPolicy, OutboundRefused, guarded_client
 from core.settings import MqttEndpoint
 from ingest import mqtt
 from ingest.errors import MqttError, MqttRefused
@@ -245,16 +246,17 @@ class WebhookNotifier:
         self,
         contacts: UnitContacts,
         *,
+        outbound: OutboundPolicy | None = None,
         client: httpx.AsyncClient | None = None,
         timeout_s: float = WEBHOOK_TIMEOUT_S,
         clock_s: Callable[[], float] = time.time,
         user_agent: str = "smartcover-webhook/1",
     ) -> None:
+        """`outbound`: which non-public networks webhooks may reach (None: none). An
+        injected `client` is used as it is, so it must bring its own guard."""
         self._contacts = contacts
         self._own_client = client is None
-        self._client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s), follow_redirects=False
-        )
+        self._client = client or guarded_client(outbound or OutboundPolicy(), timeout_s=timeout_s)
         self._timeout_s = timeout_s
         self._clock_s = clock_s
         self._user_agent = user_agent
@@ -293,6 +295,9 @@ class WebhookNotifier:
             raise DeliveryError(
                 f"webhook gave no answer within {self._timeout_s:g} s", retryable=True
             ) from None
+        except OutboundRefused as exc:
+            # The receiver's address is refused: a unit's URL or DNS must change first.
+            raise DeliveryError(f"webhook refused: {exc}", retryable=False) from exc
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
             # The URL itself stays out of the text: webhook URLs often carry a token.
             raise DeliveryError(

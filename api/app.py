@@ -29,6 +29,7 @@ from api.routes import stats as stats_routes
 from api.routes import stream as stream_routes
 from api.stream import OutboxSignal, StreamConfig
 from core.clock import wall_clock_ms
+from core.outbound import OutboundPolicy
 from core.registry_cache import RegistryChange
 
 
@@ -57,12 +58,14 @@ def create_app(
     registry_changed: Callable[[RegistryChange], Awaitable[object]] = nothing_to_refresh,
     limits: ApiLimits | None = None,
     heavy_limits: HeavyLimits | None = None,
+    outbound: OutboundPolicy | None = None,
 ) -> FastAPI:
     """The app. Without `sessions` only /healthz, /readyz and /metrics are served (an
     ingest-only process); with them, the whole API. `readings` None: the readings
     endpoint answers 503. `outbox_signal`: call its `notify()` after writing the outbox
     to wake the live streams at once, and `close()` at shutdown to end them. `limits`:
-    body sizes, and each key's request rate and live streams (None: body sizes only)."""
+    body sizes, and each key's request rate and live streams (None: body sizes only).
+    `outbound`: the non-public networks a unit's webhook URL may name (None: none)."""
     app = FastAPI(
         title="smartcover",
         version="0.1.0",
@@ -91,6 +94,7 @@ def create_app(
             stream=stream_config or StreamConfig(),
             clock_ms=clock_ms,
             registry_changed=registry_changed,
+            outbound=outbound or OutboundPolicy(),
         )
         app.state.heavy = HeavyLimiter(heavy_limits or HeavyLimits())
         for module in (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, cast
 
 from fastapi import Depends, Request
@@ -20,6 +20,7 @@ from api.models import Role
 from api.readings import ReadingQuery
 from api.stream import OutboxSignal, StreamConfig
 from core.db import transaction
+from core.outbound import OutboundPolicy
 from core.registry import VERSION_STEPS
 from core.registry_cache import RegistryChange
 from core.registry_errors import RegistryError
@@ -45,6 +46,8 @@ class ApiContext:
     # Brings this process's registry cache up to date; called after every registry write,
     # before the answer, so a reading that follows the answer is evaluated with the change.
     registry_changed: Callable[[RegistryChange], Awaitable[object]] = nothing_to_refresh
+    # Which non-public networks written URLs (a unit's webhook) may point at.
+    outbound: OutboundPolicy = field(default_factory=OutboundPolicy)
 
 
 def get_context(request: Request) -> ApiContext:

@@ -163,6 +163,7 @@ async def measure(args: argparse.Namespace, root: Path) -> None:
             "SMARTCOVER_SPOOL_DIR": str(root / "spool"),
             "SMARTCOVER_API_PORT": str(api_port),
             "SMARTCOVER_LOG_LEVEL": "WARNING",
+            "SMARTCOVER_OUTBOUND_ALLOW_NETS": "127.0.0.0/8",  # the receiver is local
         }
         service = start_service(env, root / "service.log")
         try:

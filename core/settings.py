@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Annotated, Literal, Self
 from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core.broker_auth import MIN_CREW_KEY_CHARS
 
@@ -145,6 +146,10 @@ class Settings(BaseSettings):
     )
     # An unacknowledged critical case is notified again this often (a bounded rate).
     renotify_every_s: Annotated[float, Field(ge=60)] = 300.0
+    # Networks that webhooks and other outgoing URLs may reach although they are not
+    # public (loopback, link-local, private, CGNAT…), as CIDRs separated by commas, e.g.
+    # `10.20.0.0/16` for an on-premises receiver. Empty: only public addresses.
+    outbound_allow_nets: Annotated[tuple[IPv4Network | IPv6Network, ...], NoDecode] = ()
 
     # `smartcover devices …` only: the broker's files and how to make it re-read them
     # (flags override). Unset ACL template: the project's `mosquitto/acl`.
@@ -183,6 +188,17 @@ class Settings(BaseSettings):
         if 0 < len(value.get_secret_value()) < MIN_CREW_KEY_CHARS:
             raise ValueError(f"must be at least {MIN_CREW_KEY_CHARS} characters, or empty")
         return value
+
+    @field_validator("outbound_allow_nets", mode="before")
+    @classmethod
+    def _nets_from_commas(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        nets = [net for net in re.split(r"[\s,]+", value) if net]
+        try:
+            return tuple(ip_network(net) for net in nets)
+        except ValueError as exc:  # ip_network's text names the culprit (host bits set…)
+            raise ValueError(f"must be CIDRs separated by commas: {exc}") from None
 
     @field_validator("mqtt_url")
     @classmethod

@@ -31,6 +31,7 @@ from api.stream import OutboxSignal
 from core.clock import wall_clock_ms
 from core.db import create_engine, session_factory, upgrade
 from core.looplag import LoopLag
+from core.outbound import OutboundPolicy
 from core.registry_cache import RegistryCache
 from core.registry_notify import follow_registry
 from core.retention import keep_retention
@@ -103,7 +104,9 @@ async def build_service(settings: Settings) -> Service:
     )
     notifiers: dict[str, Notifier] = {
         MQTT_CHANNEL: mqtt_notifier,
-        WEBHOOK_CHANNEL: WebhookNotifier(RegistryContacts(sessions)),
+        WEBHOOK_CHANNEL: WebhookNotifier(
+            RegistryContacts(sessions), outbound=OutboundPolicy.from_settings(settings)
+        ),
     }
     dispatcher = OutboxDispatcher(
         sessions,

@@ -19,6 +19,7 @@ from api.readings import InfluxReadingQuery, ReadingQuery
 from api.readings_sqlite import SqliteReadingQuery
 from core.db import create_engine, session_factory, upgrade
 from core.looplag import LoopLag
+from core.outbound import OutboundPolicy
 from core.settings import Settings
 from core.timeseries import InfluxStore, ReadingStore
 from core.timeseries_sqlite import SqliteReadingStore
@@ -66,6 +67,7 @@ def api_server(service: Service, *, full: bool = True) -> ApiServer:
         outbox_signal=service.outbox_signal,
         registry_changed=service.cache.apply,
         heavy_limits=heavy_limits(settings),
+        outbound=OutboundPolicy.from_settings(settings),
     )
     return _uvicorn(app, settings)
 
@@ -112,6 +114,7 @@ async def serve_api_only(settings: Settings) -> None:
         limits=api_limits(settings),
         case_policy=case_policy(settings),
         heavy_limits=heavy_limits(settings),
+        outbound=OutboundPolicy.from_settings(settings),
     )
     try:
         logger.info("API on http://%s:%d", settings.api_host, settings.api_port)

@@ -31,6 +31,7 @@ from api.readings import ReadingBucket, ReadingPoint, ReadingQuery, ReadingWindo
 from api.stream import OutboxSignal, StreamConfig
 from core import db, registry
 from core.contract import Reading
+from core.outbound import OutboundPolicy
 from core.registry_schemas import CoverCreate, DeviceCreate
 from tests.db_fixtures import DRAINAGE, TOWNSHIP, WATER, add_units, migrated_sessions
 
@@ -229,10 +230,11 @@ async def running_api(
     readings: ReadingQuery | None = EMPTY,
     stream: StreamConfig | None = None,
     seed: bool = True,
+    outbound: OutboundPolicy | None = None,
 ) -> AsyncIterator[RunningApi]:
     """The whole API on a fresh database, served; clients closed at the end.
 
-    `readings` None: no time-series store at all."""
+    `readings` None: no time-series store at all. `outbound`: create_app's."""
     async with migrated_sessions(database_url) as sessions:
         if seed:
             await seed_registry(sessions)
@@ -248,6 +250,7 @@ async def running_api(
             outbox_signal=signal,
             stream_config=stream or StreamConfig(poll_s=0.05, keepalive_s=0.5),
             clock_ms=clock,
+            outbound=outbound,
         )
         # The engine notifies the live stream through its in-process hook.
         engine = alert_engine(sessions, clock, on_commit=signal.notify)

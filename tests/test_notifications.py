@@ -46,6 +46,7 @@ from alerting.notifiers import (
 )
 from alerting.outbox import MQTT_CHANNEL, WEBHOOK_CHANNEL, enqueue
 from core.db import Base, create_engine, session_factory, transaction
+from core.outbound import OutboundPolicy
 from core.settings import MqttEndpoint
 from ingest import mqtt
 from ingest.errors import MqttError
@@ -60,6 +61,8 @@ Sessions = async_sessionmaker[AsyncSession]
 SPEED = 100.0
 # Generous: these are waits for things that normally take milliseconds, on 2 shared cores.
 WAIT_S = 20.0
+# The receivers listen on loopback, which webhooks may reach only when allowed.
+LOCAL_RECEIVERS = OutboundPolicy.allowing("127.0.0.0/8")
 
 
 class ScaledClock:
@@ -436,7 +439,7 @@ async def test_webhook_answers_are_classified_for_retry(
     receiver.start()
     event = OutboxEvent(1, str(uuid.uuid4()), "case.opened", "WATER", 1_800_000_000_000, {})
     contacts = contacts_for(WATER=receiver)
-    async with WebhookNotifier(contacts, timeout_s=2) as notifier:
+    async with WebhookNotifier(contacts, outbound=LOCAL_RECEIVERS, timeout_s=2) as notifier:
         await notifier.deliver(event)  # 200
         answers = {503: True, 500: True, 408: True, 410: False, 400: False, 401: False, 302: False}
         for status, retryable in answers.items():
@@ -477,7 +480,9 @@ async def test_webhook_answer_too_slow_is_a_retryable_timeout(
     receiver.delay_s = 1.0
     receiver.start()
     event = OutboxEvent(1, str(uuid.uuid4()), "case.opened", "WATER", 1_800_000_000_000, {})
-    async with WebhookNotifier(contacts_for(WATER=receiver), timeout_s=0.2) as notifier:
+    async with WebhookNotifier(
+        contacts_for(WATER=receiver), outbound=LOCAL_RECEIVERS, timeout_s=0.2
+    ) as notifier:
         started = time.monotonic()
         with pytest.raises(DeliveryError) as caught:
             await notifier.deliver(event)
@@ -531,7 +536,7 @@ async def test_webhook_is_signed_with_the_contract_body_and_headers(
     clock = ScaledClock()
     receiver = receivers()
     receiver.start()
-    async with WebhookNotifier(contacts_for(DRAIN=receiver)) as webhooks:
+    async with WebhookNotifier(contacts_for(DRAIN=receiver), outbound=LOCAL_RECEIVERS) as webhooks:
         outbox = dispatcher(sessions, {WEBHOOK_CHANNEL: webhooks}, clock)
         async with running(outbox.run()):
             (event_id,) = await add_events(
@@ -573,7 +578,9 @@ async def test_dead_webhook_endpoint_catches_up_without_blocking_anyone(
     crews = Subscriber(mosquitto.url)
     mqtt_out = mqtt_notifier(mosquitto)
     registry = CollectorRegistry()
-    async with WebhookNotifier(contacts_for(WATER=dead, DRAIN=alive)) as webhooks:
+    async with WebhookNotifier(
+        contacts_for(WATER=dead, DRAIN=alive), outbound=LOCAL_RECEIVERS
+    ) as webhooks:
         notifiers: dict[str, Notifier] = {MQTT_CHANNEL: mqtt_out, WEBHOOK_CHANNEL: webhooks}
         # A poll every 50 ms of real time: retries come due between wakes.
         outbox = dispatcher(sessions, notifiers, clock, registry, poll_interval_s=5)
@@ -659,7 +666,7 @@ async def test_restarted_dispatcher_delivers_what_the_first_left(
     receiver = receivers()
     receiver.delay_s = 0.05  # slow enough to be cut off mid-attempt
     receiver.start()
-    async with WebhookNotifier(contacts_for(WATER=receiver)) as webhooks:
+    async with WebhookNotifier(contacts_for(WATER=receiver), outbound=LOCAL_RECEIVERS) as webhooks:
         events = await add_events(sessions, "WATER", 12, clock=clock, channels=(WEBHOOK_CHANNEL,))
         first = dispatcher(sessions, {WEBHOOK_CHANNEL: webhooks}, clock)
         async with running(first.run()):
@@ -689,7 +696,7 @@ async def test_notified_ms_is_set_by_the_first_delivery_only(
     receiver.delay_s = 0.2  # the webhook lands well after the MQTT message
     receiver.start()
     mqtt_out = mqtt_notifier(mosquitto)
-    async with WebhookNotifier(contacts_for(WATER=receiver)) as webhooks:
+    async with WebhookNotifier(contacts_for(WATER=receiver), outbound=LOCAL_RECEIVERS) as webhooks:
         outbox = dispatcher(sessions, {MQTT_CHANNEL: mqtt_out, WEBHOOK_CHANNEL: webhooks}, clock)
         async with running(mqtt_out.run(), outbox.run()):
             await eventually(lambda: mqtt_out.connected, what="the notifier's connection")
@@ -744,7 +751,7 @@ async def test_two_dispatchers_on_one_database_send_each_event_once(
     receiver.start()
     units = ("WATER", "DRAIN", "GAS", "POWER")
     contacts = DictUnitContacts({u: UnitContact(receiver.url, secret_of(u)) for u in units})
-    async with WebhookNotifier(contacts) as webhooks:
+    async with WebhookNotifier(contacts, outbound=LOCAL_RECEIVERS) as webhooks:
         pair = [dispatcher(sessions, {WEBHOOK_CHANNEL: webhooks}, clock) for _ in range(2)]
         async with running(*(d.run() for d in pair)):
             events: list[str] = []

@@ -103,6 +103,7 @@ async def service(
         tmp_path,
         SMARTCOVER_DATABASE_URL=database_url,
         SMARTCOVER_ADMIN_KEY=ADMIN_KEY,
+        SMARTCOVER_OUTBOUND_ALLOW_NETS="127.0.0.0/8",  # the webhook receiver's
     )
     async with serving_in_process(env) as built:
         yield built

@@ -12,7 +12,15 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from api.deps import AdminKey, ContextDep, DispatcherKey, SessionDep, ViewerKey, registry_write
+from api.deps import (
+    AdminKey,
+    ApiContext,
+    ContextDep,
+    DispatcherKey,
+    SessionDep,
+    ViewerKey,
+    registry_write,
+)
 from api.errors import ERRORS, WRITE_ERRORS, Forbidden, TooLarge, Unprocessable, error_doc
 from api.heavy import HeavySlot
 from api.models import Role
@@ -82,6 +90,7 @@ async def get_unit(*, code: UnitCodePath, key: ViewerKey, session: SessionDep) -
 @router.post("/units", status_code=status.HTTP_201_CREATED, responses=WRITE_ERRORS)
 async def create_unit(*, unit: Unit, _key: AdminKey, context: ContextDep) -> UnitOut:
     """A unit record of DESIGN §11; the webhook secret is never shown again."""
+    _refuse_unreachable_webhook(context, unit.webhook_url)
     async with registry_write(context, RegistryChange(units=True)) as session:
         return UnitOut.of(await registry.create_unit(session=session, unit=unit), reveal=True)
 
@@ -91,9 +100,22 @@ async def update_unit(
     *, code: UnitCodePath, update: UnitUpdate, _key: AdminKey, context: ContextDep
 ) -> UnitOut:
     """Changes the fields given (null clears an optional one)."""
+    _refuse_unreachable_webhook(context, update.webhook_url)
     async with registry_write(context, RegistryChange(units=True)) as session:
         unit = await registry.update_unit(session=session, code=code, update=update)
         return UnitOut.of(unit, reveal=True)
+
+
+def _refuse_unreachable_webhook(context: ApiContext, url: str | None) -> None:
+    """A webhook URL naming a refused address (an IP literal, `localhost`) is refused as
+    it is written; a name is checked at each delivery, on the addresses it resolves to."""
+    problem = None if url is None else context.outbound.url_problem(url)
+    if problem is not None:
+        raise Unprocessable(
+            f"webhook_url: {problem}",
+            code="outbound_refused",
+            details={"field": "webhook_url", "reason": problem},
+        )
 
 
 # -- covers -----------------------------------------------------------------------------
