@@ -6,14 +6,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import Depends, FastAPI, Response
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from alerting.cases import CasePolicy
-from api.deps import ApiContext, nothing_to_refresh
+from api.deps import ApiContext, nothing_to_refresh, refuse_control_characters
 from api.errors import install_error_handlers
 from api.headers import NoSniff
 from api.heavy import HeavyLimiter, HeavyLimits
@@ -31,6 +32,11 @@ from api.stream import OutboxSignal, StreamConfig
 from core.clock import wall_clock_ms
 from core.outbound import OutboundPolicy
 from core.registry_cache import RegistryChange
+
+
+DOCS_ASSETS = "/docs/assets"  # Swagger UI's and ReDoc's scripts and styles
+# Swagger UI would send the schema's URL to its public validator for a badge: no badge.
+_SWAGGER_UI: dict[str, Any] = {"validatorUrl": None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +72,15 @@ def create_app(
     to wake the live streams at once, and `close()` at shutdown to end them. `limits`:
     body sizes, and each key's request rate and live streams (None: body sizes only).
     `outbound`: the non-public networks a unit's webhook URL may name (None: none)."""
-    app = FastAPI(
+    # Swagger UI and ReDoc from the package's own files: pilots run without the internet.
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS,
+        swagger_ui_parameters=_SWAGGER_UI,
         title="smartcover",
         version="0.1.0",
         description="Sensor-equipped manhole covers: registry, readings, alerts, dispatch"
         " cases, ledgers and progress. Authenticate with `Authorization: Bearer <key>`.",
+        dependencies=[Depends(refuse_control_characters)],
     )
     install_error_handlers(app)
     if sessions is not None:  # added before NoSniff, so that its refusals carry it too

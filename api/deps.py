@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from alerting.cases import CasePolicy
-from api.errors import Forbidden, Unauthenticated
+from api.errors import Forbidden, Unauthenticated, Unprocessable
 from api.keys import ApiKey, authenticate
 from api.models import Role
 from api.readings import ReadingQuery
@@ -24,6 +24,7 @@ from core.outbound import OutboundPolicy
 from core.registry import VERSION_STEPS
 from core.registry_cache import RegistryChange
 from core.registry_errors import RegistryError
+from core.text import control_character_problem
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,24 @@ class ApiContext:
     registry_changed: Callable[[RegistryChange], Awaitable[object]] = nothing_to_refresh
     # Which non-public networks written URLs (a unit's webhook) may point at.
     outbound: OutboundPolicy = field(default_factory=OutboundPolicy)
+
+
+def refuse_control_characters(request: Request) -> None:
+    """Path and query parameters holding a control character are refused (422) before
+    any lookup, as body strings are (core.text): the same answer on both databases."""
+    for where, items in (
+        ("path", request.path_params.items()),
+        ("query", request.query_params.multi_items()),
+    ):
+        for name, value in items:
+            # The name too: a query string's names are the caller's as much as its values.
+            problem = control_character_problem(str(value)) or control_character_problem(name)
+            if problem is not None:
+                raise Unprocessable(
+                    f"{where} parameter {name!r}: {problem}",
+                    code="control_character",
+                    details={"in": where, "name": name},
+                )
 
 
 def get_context(request: Request) -> ApiContext:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from alerting.models import CaseStatus
 from core.registry_schemas import Unit, UnitKind
+from core.text import FREE_TEXT
 
 T = TypeVar("T")
 
@@ -145,7 +146,8 @@ class TransitionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     to: CaseStatus
-    note: Annotated[str, Field(max_length=2000)] = ""
+    # Free text typed on site: line breaks and tabs kept, other control characters refused.
+    note: Annotated[str, Field(max_length=2000), FREE_TEXT] = ""
 
 
 class CensusRowError(BaseModel):

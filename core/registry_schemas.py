@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from core.contract import DEVICE_ID
+from core.text import PLAIN
 
 # -- the standard cover number (CJ/T 214-2007, GB/T 30428.2-2013) ----------------------
 
@@ -122,9 +123,16 @@ KindCode = Annotated[str, AfterValidator(_check_kind_code)]
 UnitCode = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 # Anchored here: the contract's pattern is used with fullmatch().
 DeviceId = Annotated[str, StringConstraints(pattern=rf"^(?:{DEVICE_ID.pattern})$")]
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
-WebhookUrl = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_check_webhook_url)]
+# Free strings refuse control characters (core.text): codes and numbers above have
+# patterns that leave none in.
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), PLAIN]
+ShortText = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), PLAIN
+]
+WebhookUrl = Annotated[
+    str, StringConstraints(max_length=2000), PLAIN, AfterValidator(_check_webhook_url)
+]
+WebhookSecret = Annotated[SecretStr, PLAIN]
 Longitude = Annotated[float, Field(ge=-180, le=180)]
 Latitude = Annotated[float, Field(ge=-90, le=90)]
 DepthCm = Annotated[float, Field(gt=0, le=10_000)]
@@ -172,7 +180,7 @@ class Unit(_Record):
     kind: UnitKind
     parent: UnitCode | None = None
     webhook_url: WebhookUrl | None = None
-    webhook_secret: SecretStr | None = None
+    webhook_secret: WebhookSecret | None = None
     supervisor_contact: Name | None = None
 
 
@@ -183,7 +191,7 @@ class UnitUpdate(_Record):
     kind: UnitKind | None = None
     parent: UnitCode | None = None
     webhook_url: WebhookUrl | None = None
-    webhook_secret: SecretStr | None = None
+    webhook_secret: WebhookSecret | None = None
     supervisor_contact: Name | None = None
 
     @model_validator(mode="after")
