@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Mount
 
 from alerting.cases import CaseNotFound, IllegalTransition, ReasonRequired
 from core.census import CensusFileError
@@ -20,6 +21,8 @@ from core.timeseries import TimeSeriesError
 
 logger = logging.getLogger(__name__)
 
+# The methods a route can be made for, each tried on a 405's path to fill its Allow.
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 # Codes for statuses raised by the framework itself (unknown path, wrong method, …).
 _STATUS_CODES = {
     400: "bad_request",
@@ -137,11 +140,30 @@ async def _on_domain_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(error.status, error.code, error.message, error.details, headers)
 
 
-async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     code = _STATUS_CODES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-    return error_response(exc.status_code, code, message, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    allowed = _allowed_methods(request) if exc.status_code == 405 else ""
+    if allowed:  # else a mounted app's own (static files: GET, HEAD)
+        headers["Allow"] = allowed
+    return error_response(exc.status_code, code, message, headers=headers or None)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route of this path answers. Starlette's router names only those
+    of the first route matching the path (GET /units, not POST /units beside it)."""
+    # A mount matches every method; its app names its own (static files: GET, HEAD).
+    routes = [route for route in request.app.router.routes if not isinstance(route, Mount)]
+    allowed = [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    ]
+    return ", ".join(allowed)
 
 
 async def _on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
