@@ -51,7 +51,7 @@ class ApiContext:
     outbound: OutboundPolicy = field(default_factory=OutboundPolicy)
 
 
-def refuse_control_characters(request: Request) -> None:
+async def refuse_control_characters(request: Request) -> None:
     """Path and query parameters holding a control character are refused (422) before
     any lookup, as body strings are (core.text): the same answer on both databases."""
     for where, items in (
