@@ -14,7 +14,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, DateTime, Dialect, MetaData, TypeDecorator, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -84,6 +84,11 @@ class DatabaseUrlError(ValueError):
     """`database_url` names a database this service cannot use."""
 
 
+class DatabaseMissingError(FileNotFoundError):
+    """A command that works on an existing database found no SQLite file where the URL
+    points (SQLite would otherwise create an empty one there, and leave it behind)."""
+
+
 def async_url(database_url: str) -> str:
     """`sqlite:///…` → `sqlite+aiosqlite:///…`, `postgresql://…` → `postgresql+asyncpg://…`.
 
@@ -104,9 +109,17 @@ def async_url(database_url: str) -> str:
     return url.set(drivername=f"{backend}+{driver}").render_as_string(hide_password=False)
 
 
-def create_engine(database_url: str, *, echo: bool = False) -> AsyncEngine:
-    """An async engine; on SQLite: WAL, foreign keys enforced, a busy timeout, real BEGINs."""
+def create_engine(
+    database_url: str, *, echo: bool = False, must_exist: bool = False
+) -> AsyncEngine:
+    """An async engine; on SQLite: WAL, foreign keys enforced, a busy timeout, real BEGINs.
+
+    `must_exist`: a SQLite file that is not there is refused (`DatabaseMissingError`)
+    instead of created, for commands that only read or change an existing registry.
+    """
     url = make_url(async_url(database_url))
+    if must_exist:
+        _require_sqlite_file(url)
     if url.get_backend_name() != "sqlite":
         # pool_pre_ping: a database restart must not hand out dead connections (DESIGN §8).
         return create_async_engine(url, echo=echo, pool_pre_ping=True)
@@ -118,6 +131,18 @@ def create_engine(database_url: str, *, echo: bool = False) -> AsyncEngine:
     event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
     event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
     return engine
+
+
+def _require_sqlite_file(url: URL) -> None:
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return
+    path = Path(url.database)
+    if not path.is_file():
+        raise DatabaseMissingError(
+            f"no database at {path}, where SMARTCOVER_DATABASE_URL points (it is"
+            f" sqlite:///{url.database}, the default when unset): set it to the service's"
+            " database, or create this one with `smartcover db upgrade`"
+        )
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

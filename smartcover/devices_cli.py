@@ -75,7 +75,7 @@ def _run(
     """Runs `work` against the configured registry, which must be migrated."""
 
     async def main() -> _T:
-        engine = db.create_engine(settings.database_url)
+        engine = db.create_engine(settings.database_url, must_exist=True)
         try:
             if not await db.is_up_to_date(engine):
                 raise _fail("The database is not migrated: run `smartcover db upgrade` first.")

@@ -37,7 +37,7 @@ def _run(work: Callable[[async_sessionmaker[AsyncSession]], Awaitable[_T]]) -> _
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
     async def main() -> _T:
-        engine = db.create_engine(settings.database_url)
+        engine = db.create_engine(settings.database_url, must_exist=True)
         try:
             if not await db.is_up_to_date(engine):
                 raise ApiError("the database is not migrated: run `smartcover db upgrade` first")

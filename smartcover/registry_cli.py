@@ -50,7 +50,7 @@ def _run(work: Callable[[async_sessionmaker[AsyncSession]], Awaitable[_T]]) -> _
     _configure_logging(settings)
 
     async def main() -> _T:
-        engine = db.create_engine(settings.database_url)
+        engine = db.create_engine(settings.database_url, must_exist=True)
         try:
             await _require_migrated(engine)
             return await work(db.session_factory(engine))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from smartcover.cli import app as cli_app
 from smartcover.keys_cli import app as keys_app
 from tests.db_fixtures import WATER, add_units, migrated_sessions
 
@@ -42,3 +43,28 @@ def test_keys_cli_create_list_revoke(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert "No keys." in runner.invoke(keys_app, ["list"]).stdout
     assert "Li" in runner.invoke(keys_app, ["list", "--all"]).stdout
     assert runner.invoke(keys_app, ["revoke", "7"]).exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["keys", "list"],
+        ["keys", "create", "--role", "viewer"],
+        ["keys", "revoke", "1"],
+        ["covers", "list"],
+        ["units", "list"],
+        ["devices", "crew", "WATER"],
+    ],
+)
+def test_commands_on_a_missing_database_leave_no_file_behind(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SMARTCOVER_DATABASE_URL", raising=False)
+    monkeypatch.setenv("SMARTCOVER_BROKER_CREW_KEY", "k" * 40)
+    result = CliRunner().invoke(cli_app, command)
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())  # rich wraps long lines
+    assert "SMARTCOVER_DATABASE_URL" in message
+    assert "smartcover db upgrade" in message
+    assert list(tmp_path.iterdir()) == []
