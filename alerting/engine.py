@@ -183,7 +183,21 @@ class AlertEngine:
         return self._generation
 
     async def load(self) -> None:
-        """Reads the persisted state; call once before the first evaluation."""
+        """Replaces the in-memory state by the persisted one; call before evaluating.
+
+        A standby process that becomes active calls it again: what it remembers is stale,
+        and what it evaluated but did not commit while last active is dropped (those
+        readings were not acknowledged, so the broker delivers them again).
+        """
+        self._states.clear()
+        self._progress.clear()
+        self._dirty_progress.clear()
+        self._pending = _Pending()
+        self._unknown.clear()
+        self._verifying.clear()
+        self._verify_counts.clear()
+        self._silence_checked_ms = 0
+        self._committed = self._generation  # nothing outstanding from an earlier term
         async with transaction(self._sessions, write=False) as session:
             for row in await session.scalars(select(AlertStateRow)):
                 self._states[(row.cover_id, row.kind)] = state_from_json(row.state)

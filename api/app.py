@@ -33,7 +33,6 @@ from core.clock import wall_clock_ms
 from core.outbound import OutboundPolicy
 from core.registry_cache import RegistryChange
 
-
 DOCS_ASSETS = "/docs/assets"  # Swagger UI's and ReDoc's scripts and styles
 # Swagger UI would send the schema's URL to its public validator for a badge: no badge.
 _SWAGGER_UI: dict[str, Any] = {"validatorUrl": None}
@@ -44,6 +43,7 @@ class Readiness:
     """Each dependency's problem, or None when it is reachable."""
 
     problems: dict[str, str | None]
+    role: str | None = None  # active or standby (core.leadership); None: not applicable
 
     @property
     def ready(self) -> bool:
@@ -125,6 +125,8 @@ def create_app(
 class ReadinessOut(BaseModel):
     status: str  # "ready" or "not ready"
     checks: dict[str, str]  # each dependency: "ok" or what is wrong
+    # "active" (consumes, evaluates, notifies) or "standby" (serves the API, waits)
+    role: str | None = None
 
 
 _METRICS: dict[int | str, dict[str, Any]] = {
@@ -150,6 +152,7 @@ def _operations(
         body = ReadinessOut(
             status="ready" if state.ready else "not ready",
             checks={name: problem or "ok" for name, problem in state.problems.items()},
+            role=state.role,
         )
         return JSONResponse(body.model_dump(), status_code=200 if state.ready else 503)
 

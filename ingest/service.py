@@ -114,6 +114,7 @@ class IngestService:
         self._batch = Batch(connection_id=0)
         self._sealed: asyncio.Queue[Batch] = asyncio.Queue()
         self._stopping = False
+        self._abandoned = False
         self._foreign = ForeignSubscriptions(
             [own_filter(self._options.share_group)],
             self._options.share_group,
@@ -208,8 +209,12 @@ class IngestService:
     # Tasks
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Runs until `stop` is set, then drains within the shutdown deadline."""
+        """Runs until `stop` is set, then drains within the shutdown deadline.
+
+        May run again after it returned (a standby that becomes active again)."""
         started = time.monotonic()
+        self._stopping = self._abandoned = False
+        self._drop_sealed()
         async with asyncio.TaskGroup() as group:
             write_task = group.create_task(self._write_forever(), name="ingest-writer")
             age_task = group.create_task(self._seal_old_batches(), name="ingest-batch-age")
@@ -295,11 +300,28 @@ class IngestService:
             ceiling = _RECONNECT_MAX_S  # wrong credentials are not fixed in a second
         return random.uniform(ceiling / 2, ceiling)  # noqa: S311 -- jitter
 
+    def abandon(self) -> None:
+        """This process is no longer active: stop taking messages at once and acknowledge
+        nothing more (what is unacknowledged goes to the new active); `run` then returns
+        without draining once its `stop` is set."""
+        self._abandoned = self._stopping = True
+        if self._connection is not None:
+            self._connection.pause_reading()
+            self._connection.abort()
+
+    def _drop_sealed(self) -> None:
+        """Forgets batches an abandoned run left: never acknowledged, delivered again."""
+        while not self._sealed.empty():
+            self._sealed.get_nowait()
+            self._sealed.task_done()
+
     async def _drain(self, connection: mqtt.MqttConnection | None) -> None:
         """Stops intake, writes what was received and acknowledges it, within the deadline."""
         self._stopping = True
         if connection is not None:
             connection.pause_reading()
+        if self._abandoned:
+            return
         self._seal()
         try:
             async with asyncio.timeout(self._options.shutdown_deadline_s):

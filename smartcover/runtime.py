@@ -30,6 +30,7 @@ from api.app import Readiness
 from api.stream import OutboxSignal
 from core.clock import wall_clock_ms
 from core.db import create_engine, session_factory, upgrade
+from core.leadership import Leadership, LeadershipMetrics, Role
 from core.looplag import LoopLag
 from core.outbound import OutboundPolicy
 from core.registry_cache import RegistryCache
@@ -71,6 +72,7 @@ class Service:
     mqtt_notifier: MqttNotifier
     ingest: IngestParts
     outbox_signal: OutboxSignal
+    leadership: Leadership
     db_problem: str | None = None
 
     def readiness(self) -> Readiness:
@@ -81,9 +83,16 @@ class Service:
         elif health.down:
             store_problem = f"unreachable (spooling): {health.last_error}"
         broker = None if self.ingest.service.broker_connected else "not connected"
+        if self.leadership.role is Role.STANDBY:
+            broker = None  # a standby serves the API and does not consume: that is ready
         registry = None if self.cache.loaded else "registry not loaded"
         return Readiness(
-            {"broker": broker, "timeseries": store_problem, "database": self.db_problem or registry}
+            {
+                "broker": broker,
+                "timeseries": store_problem,
+                "database": self.db_problem or registry,
+            },
+            role=self.leadership.role.value,
         )
 
 
@@ -128,7 +137,6 @@ async def build_service(settings: Settings) -> Service:
         clock_ms=wall_clock_ms,
         on_commit=committed,
     )
-    await engine.load()
 
     def cover_of(device_id: str) -> str | None:
         binding = cache.lookup(device_id)
@@ -149,6 +157,7 @@ async def build_service(settings: Settings) -> Service:
         mqtt_notifier,
         ingest,
         outbox_signal,
+        Leadership(db, settings.mqtt_client_id, LeadershipMetrics(metrics_registry)),
     )
 
 
@@ -173,16 +182,15 @@ async def run_service(
 ) -> None:
     """Runs until `stop` is set, then shuts down in order and closes the stores.
 
-    `extra` jobs run until cancelled at shutdown; `api` ends by itself once `stop` is set
-    and the live streams are closed, and is awaited so that it closes its sockets.
+    The API and the registry run throughout; consuming, evaluating, timers and outbox only
+    while this process is active (`core.leadership`). `extra` jobs run until cancelled at
+    shutdown; `api` ends by itself once `stop` is set and the live streams are closed, and
+    is awaited so that it closes its sockets.
     """
     background = [
         follow_registry(service.cache, service.db, stop),
-        service.unregistered.run(),
-        service.engine.run(),
-        service.mqtt_notifier.run(),
-        service.dispatcher.run(),
         _watch_database(service),
+        # Policies the time-series store applies itself: idempotent on either role.
         keep_retention(service.ingest.store, service.metrics_registry),
         LoopLag(service.metrics_registry).run(),  # ingest, alerts and API share the loop
         *(extra or []),
@@ -191,9 +199,10 @@ async def run_service(
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(_done_when_cancelled(job)) for job in background]
             api_task = group.create_task(api) if api is not None else None
-            await service.ingest.service.run(stop)
-            await service.engine.close()
-            await service.unregistered.flush()
+            try:
+                await _serve_while_active(service, stop)
+            finally:
+                await service.leadership.release()
             service.outbox_signal.close()  # live streams end, so the API can stop
             if api_task is not None:
                 await api_task
@@ -202,6 +211,51 @@ async def run_service(
     finally:
         await service.ingest.store.close()
         await service.db.dispose()
+
+
+async def _serve_while_active(service: Service, stop: asyncio.Event) -> None:
+    """Each time this process becomes active: one term of consuming, until stop or loss."""
+    while await service.leadership.acquire(stop):
+        # What the previous active committed meanwhile; what this process remembers from
+        # an earlier term is stale.
+        await service.engine.load()
+        lost = await _active_term(service, stop)
+        if lost is None:
+            return
+        logger.warning("stopped consuming (%s); waiting to become active again", lost)
+
+
+async def _active_term(service: Service, stop: asyncio.Event) -> str | None:
+    """Consumes until `stop` (a clean shutdown: None) or until the role is lost (why)."""
+    term_stop = asyncio.Event()
+    lost: list[str] = []
+
+    async def watch_role() -> None:
+        lost.append(await service.leadership.watch())
+        service.ingest.service.abandon()  # it can no longer commit: stop taking at once
+        term_stop.set()
+
+    async def watch_stop() -> None:
+        await stop.wait()
+        term_stop.set()
+
+    duties = [
+        watch_role(),
+        watch_stop(),
+        service.unregistered.run(),
+        service.engine.run(),
+        service.mqtt_notifier.run(),
+        service.dispatcher.run(),
+    ]
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(_done_when_cancelled(job)) for job in duties]
+        await service.ingest.service.run(term_stop)
+        if not lost:
+            await service.engine.close()
+            await service.unregistered.flush()
+        for task in tasks:
+            task.cancel()
+    return lost[0] if lost else None
 
 
 async def _done_when_cancelled(job: Awaitable[None]) -> None:

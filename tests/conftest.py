@@ -48,3 +48,15 @@ def postgres_server() -> Iterator[PostgresServer]:
             yield server
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of one test's own, for tests that stop or restart it."""
+    base = Path(tempfile.mkdtemp(prefix="smartcover-pg-"))
+    try:
+        base.chmod(0o755)  # as root, the server runs as another user who must reach it
+        with PostgresServer(base / "pg") as server:
+            yield server
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
