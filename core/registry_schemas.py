@@ -8,9 +8,10 @@ fixed by DESIGN §11.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from datetime import date, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import (
     AfterValidator,
@@ -19,6 +20,7 @@ from pydantic import (
     Field,
     SecretStr,
     StringConstraints,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -117,20 +119,58 @@ def _check_webhook_url(value: str) -> str:
     return value
 
 
-CoverNumber = Annotated[str, AfterValidator(_check_cover_number)]
-KindCode = Annotated[str, AfterValidator(_check_kind_code)]
+def _any_of(codes: Iterable[str]) -> str:
+    return "(?:" + "|".join(sorted(codes)) + ")"
+
+
+# The checks above as JSON Schema patterns, so that the OpenAPI schema states them (a
+# schema-driven client then sends numbers that are accepted). No look-ahead: "not 0000"
+# and "not 000000" are spelled out as a first non-zero digit somewhere.
+_NOT_ZEROS_4 = "(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])"
+_NOT_ZEROS_6 = (
+    "(?:[1-9][0-9]{5}|0[1-9][0-9]{4}|00[1-9][0-9]{3}|000[1-9][0-9]{2}|0000[1-9][0-9]|00000[1-9])"
+)
+KIND_CODE_PATTERN = f"^{PUBLIC_FACILITIES}{_any_of(COVER_CLASSES)}$"
+_ADMIN_CODE = _any_of(_PROVINCES) + _NOT_ZEROS_4  # a province's city or county
+COVER_NUMBER_PATTERN = f"^{_ADMIN_CODE}{PUBLIC_FACILITIES}{_any_of(COVER_CLASSES)}{_NOT_ZEROS_6}$"
+WEBHOOK_URL_PATTERN = r"^https?://[^\x00-\x1f\x7f-\x9f]*$"  # and no control character
+
+CoverNumber = Annotated[
+    str,
+    AfterValidator(_check_cover_number),
+    WithJsonSchema({"type": "string", "pattern": COVER_NUMBER_PATTERN}),
+]
+KindCode = Annotated[
+    str,
+    AfterValidator(_check_kind_code),
+    WithJsonSchema({"type": "string", "pattern": KIND_CODE_PATTERN}),
+]
 # Unit codes end up in MQTT topics (`alerts/{unit_code}`): no `/`, `+` or `#`.
 UnitCode = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 # Anchored here: the contract's pattern is used with fullmatch().
 DeviceId = Annotated[str, StringConstraints(pattern=rf"^(?:{DEVICE_ID.pattern})$")]
 # Free strings refuse control characters (core.text): codes and numbers above have
 # patterns that leave none in.
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), PLAIN]
+# Stripped, so at least one character that is not a space (the schema says so too).
+_NOT_BLANK = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+Name = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    PLAIN,
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 200, "pattern": _NOT_BLANK}),
+]
 ShortText = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), PLAIN
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=100),
+    PLAIN,
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 100, "pattern": _NOT_BLANK}),
 ]
 WebhookUrl = Annotated[
-    str, StringConstraints(max_length=2000), PLAIN, AfterValidator(_check_webhook_url)
+    str,
+    StringConstraints(max_length=2000),
+    PLAIN,
+    AfterValidator(_check_webhook_url),
+    WithJsonSchema({"type": "string", "maxLength": 2000, "pattern": WEBHOOK_URL_PATTERN}),
 ]
 WebhookSecret = Annotated[SecretStr, PLAIN]
 Longitude = Annotated[float, Field(ge=-180, le=180)]
@@ -165,6 +205,25 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+def _refuse_cleared(update: BaseModel, names: tuple[str, ...]) -> None:
+    for name in names:
+        if name in update.model_fields_set and getattr(update, name) is None:
+            raise ValueError(f"{name} cannot be cleared")
+
+
+def _not_null(names: tuple[str, ...]) -> Callable[[dict[str, Any]], None]:
+    """A partial update's schema: `names` may be left out, but not set to null."""
+
+    def edit(schema: dict[str, Any]) -> None:
+        for name in names:
+            field = schema["properties"][name]
+            kinds = [kind for kind in field.pop("anyOf") if kind != {"type": "null"}]
+            field.update(kinds[0])  # each of these is one type or null
+            field.pop("default", None)  # null: left out, it is not changed
+
+    return edit
+
+
 # -- units ------------------------------------------------------------------------------
 
 
@@ -187,6 +246,9 @@ class Unit(_Record):
 class UnitUpdate(_Record):
     """A partial change of a unit: only the fields given are changed (null clears)."""
 
+    UNCLEARABLE: ClassVar[tuple[str, ...]] = ("name", "kind")
+    model_config = ConfigDict(json_schema_extra=_not_null(UNCLEARABLE))
+
     name: Name | None = None
     kind: UnitKind | None = None
     parent: UnitCode | None = None
@@ -196,9 +258,7 @@ class UnitUpdate(_Record):
 
     @model_validator(mode="after")
     def _required_stay_set(self) -> Self:
-        for name in ("name", "kind"):
-            if name in self.model_fields_set and getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be cleared")
+        _refuse_cleared(self, self.UNCLEARABLE)
         return self
 
 
@@ -310,6 +370,17 @@ class CoverCreate(_CoverFields):
 class CoverUpdate(_Record):
     """A partial change of a cover: only the fields given are changed (null clears)."""
 
+    UNCLEARABLE: ClassVar[tuple[str, ...]] = (
+        "owner_unit",
+        "road",
+        "lon",
+        "lat",
+        "flood_prone",
+        "anti_fall",
+        "state",
+    )
+    model_config = ConfigDict(json_schema_extra=_not_null(UNCLEARABLE))
+
     owner_unit: UnitCode | None = None
     maintainer_unit: UnitCode | None = None
     road: ShortText | None = None
@@ -326,10 +397,7 @@ class CoverUpdate(_Record):
 
     @model_validator(mode="after")
     def _required_stay_set(self) -> Self:
-        required = ("owner_unit", "road", "lon", "lat", "flood_prone", "anti_fall", "state")
-        for name in required:
-            if name in self.model_fields_set and getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be cleared")
+        _refuse_cleared(self, self.UNCLEARABLE)
         return self
 
 
@@ -354,13 +422,15 @@ class DeviceCreate(_Record):
 
 
 class DeviceUpdate(_Record):
+    UNCLEARABLE: ClassVar[tuple[str, ...]] = ("report_interval_s",)
+    model_config = ConfigDict(json_schema_extra=_not_null(UNCLEARABLE))
+
     model: ShortText | None = None
     report_interval_s: ReportInterval | None = None
 
     @model_validator(mode="after")
     def _interval_stays_set(self) -> Self:
-        if "report_interval_s" in self.model_fields_set and self.report_interval_s is None:
-            raise ValueError("report_interval_s cannot be cleared")
+        _refuse_cleared(self, self.UNCLEARABLE)
         return self
 
 
