@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+from collections.abc import Collection
 from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict
@@ -121,6 +122,17 @@ async def revoke_key(*, session: AsyncSession, key_id: int) -> ApiKey:
         await session.flush()
         logger.info("API key %d revoked: %s", row.id, row.prefix)
     return _key(row)
+
+
+async def valid_key_ids(*, session: AsyncSession, key_ids: Collection[int]) -> set[int]:
+    """Which of `key_ids` still open the API: not revoked and not deleted. The bootstrap
+    admin (id 0) lives in the settings and is valid for as long as the process runs."""
+    stored = {key_id for key_id in key_ids if key_id != 0}
+    valid = {0} & set(key_ids)
+    if stored:
+        query = select(ApiKeyRow.id).where(ApiKeyRow.id.in_(stored), ApiKeyRow.revoked_at.is_(None))
+        valid.update(await session.scalars(query))
+    return valid
 
 
 def bootstrap_admin(key: str, admin_key: str) -> ApiKey | None:

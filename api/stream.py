@@ -15,6 +15,11 @@ a time, has no such gaps. Everything up to the feed's position is settled, which
 lets a resuming client read the rows up to it from the database and then take the rest
 from the feed with neither a gap nor a duplicate.
 
+Each stream is also bound to the API key that opened it. Keys are revoked by other
+processes too (`smartcover keys revoke` writes the database), so the feed asks the
+database every `key_check_s` which of its streams' keys are still valid, in one query for
+all of them, and ends the streams of the others.
+
 Each stream has a bounded queue. A client that falls `queue_events` behind is cut off
 with a comment saying why; its browser reconnects with `Last-Event-ID` and catches up
 from the database, instead of the process holding an ever longer queue for it.
@@ -40,6 +45,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from alerting.models import OutboxRow
+from api.keys import valid_key_ids
 from core.db import transaction
 
 logger = logging.getLogger(__name__)
@@ -57,6 +63,7 @@ class StreamConfig:
     keepalive_s: float = 15.0  # a comment at least this often keeps proxies from closing it
     gap_grace_s: float = 5.0  # how long an id may take to commit before it is skipped
     queue_events: int = 1000  # how many events a client may hold unsent before it is cut off
+    key_check_s: float = 2.0  # how long a stream may outlive the revocation of its key
 
 
 class OutboxSignal:
@@ -178,9 +185,10 @@ class Subscription:
     It receives nothing until `join`; from then on every event above the id it joined
     at, of its unit (a crew) or of all (`unit_code` None)."""
 
-    def __init__(self, run: _Run, unit_code: str | None, limit: int) -> None:
+    def __init__(self, run: _Run, unit_code: str | None, limit: int, key_id: int) -> None:
         self._run = run
         self.unit_code = unit_code
+        self.key_id = key_id  # the API key that opened the stream: it ends with the key
         self._limit = limit
         self._after: int | None = None
         self._pending: deque[FeedEvent] = deque()
@@ -264,6 +272,13 @@ class _Run:
         for subscriber in self.subscribers:
             subscriber.end(reason)
 
+    def end_unless_valid(self, valid: set[int]) -> None:
+        """Ends every stream whose key is not among the `valid` ones."""
+        for subscriber in self.subscribers:
+            if subscriber.key_id not in valid and subscriber.ended is None:
+                logger.info("live stream of API key %d closed: key revoked", subscriber.key_id)
+                subscriber.end("the API key was revoked")
+
 
 class OutboxFeed:
     """The process's one reader of the outbox, shared by all its open streams.
@@ -286,12 +301,13 @@ class OutboxFeed:
         self._starting = asyncio.Lock()
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, unit_code: str | None) -> AsyncIterator[Subscription]:
-        """A subscription for one stream, for as long as the stream is open."""
+    async def subscribe(self, unit_code: str | None, key_id: int) -> AsyncIterator[Subscription]:
+        """A subscription for one stream opened with key `key_id`, for as long as the
+        stream is open (or the key is valid)."""
         self._holders += 1
         try:
             run = await self._running()
-            subscription = Subscription(run, unit_code, self.config.queue_events)
+            subscription = Subscription(run, unit_code, self.config.queue_events, key_id)
             run.subscribers.add(subscription)
             try:
                 yield subscription
@@ -313,7 +329,7 @@ class OutboxFeed:
                     async with transaction(self.sessions, write=False) as session:
                         start = await newest_id(session)
                 run = _Run(OutboxCursor(start, self.config.gap_grace_s))
-                run.task = asyncio.create_task(self._read(run), name="outbox feed")
+                run.task = asyncio.create_task(self._serve(run), name="outbox feed")
                 self._run = run
             return self._run
 
@@ -325,6 +341,31 @@ class OutboxFeed:
         self._signal.notify()  # the feed is its only listener: wakes it to see `stopping`
         with anyio.CancelScope(shield=True):
             await run.task
+
+    async def _serve(self, run: _Run) -> None:
+        """Reads the outbox and checks the streams' keys, until the reading stops."""
+        async with asyncio.TaskGroup() as group:
+            checking = group.create_task(self._check_keys(run), name="stream key check")
+            await self._read(run)
+            checking.cancel()
+
+    async def _check_keys(self, run: _Run) -> None:
+        """Every `key_check_s`, one query for the keys of all open streams; the streams
+        of revoked (or deleted) keys end. A failed query keeps the streams: the next
+        check decides, as the next request of such a key is refused anyway."""
+        while True:
+            await asyncio.sleep(self.config.key_check_s)
+            key_ids = {subscriber.key_id for subscriber in run.subscribers}
+            if not key_ids:
+                continue
+            try:
+                with anyio.CancelScope(shield=True):  # as in `read_page`
+                    async with transaction(self.sessions, write=False) as session:
+                        valid = await valid_key_ids(session=session, key_ids=key_ids)
+            except (SQLAlchemyError, OSError) as exc:
+                logger.warning("live stream: checking the streams' keys failed: %s", exc)
+                continue
+            run.end_unless_valid(valid)
 
     async def _read(self, run: _Run) -> None:
         """Reads new rows and hands them out, until the service stops or no one listens."""
@@ -350,11 +391,12 @@ class OutboxFeed:
 
 
 async def outbox_events(
-    *, feed: OutboxFeed, unit_code: str | None, last_id: int | None
+    *, feed: OutboxFeed, unit_code: str | None, last_id: int | None, key_id: int
 ) -> AsyncGenerator[bytes, None]:
     """The stream's bytes: events after `last_id` (or from now on), of one unit or all,
-    until the service stops or the client falls too far behind."""
-    async with feed.subscribe(unit_code) as subscription:
+    until the service stops, the key `key_id` is revoked or the client falls too far
+    behind."""
+    async with feed.subscribe(unit_code, key_id) as subscription:
         start = subscription.position if last_id is None else last_id
         yield opening(start)
         async for chunk in _catch_up(feed.sessions, subscription, start):

@@ -66,5 +66,7 @@ async def stream(
     """Alert and case events as they are written: `id` is the outbox id (send it back as
     `Last-Event-ID` to resume exactly after it), `event` the type, `data` the webhook's
     JSON body. A crew gets its unit's events. A comment every 15 s keeps it open; a client
-    that falls too far behind is cut off (a comment says so) and resumes by its last id."""
-    return EventStreamResponse(outbox_events(feed=feed, unit_code=key.unit_code, last_id=last_id))
+    that falls too far behind is cut off (a comment says so) and resumes by its last id.
+    The stream ends within seconds of its key's revocation."""
+    events = outbox_events(feed=feed, unit_code=key.unit_code, last_id=last_id, key_id=key.id)
+    return EventStreamResponse(events)
