@@ -5,19 +5,25 @@ database. Real PostgreSQL, Mosquitto and influxd; `smartcover serve` as processe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from alerting.models import AlertRow, CaseRow
+from alerting.models import AlertRow, CaseEventRow, CaseRow
 from core.db import create_engine, session_factory, transaction, upgrade
+from core.settings import Settings
+from smartcover.runtime import Service, build_service, run_service
 from smartcover.seed import LOW_LYING_ROAD, SeededCover, plan_pilot, seed_pilot
+from smartcover.serve import api_server, serve_api
 from tests.harness import (
     ServiceProcess,
     SteadyPublisher,
@@ -25,6 +31,7 @@ from tests.harness import (
     reading,
     service_env,
     serving_in_process,
+    settings_of,
     wait_until,
 )
 from tests.servers import InfluxServer, MosquittoServer, PostgresServer, free_port
@@ -178,3 +185,108 @@ async def test_an_active_that_loses_its_database_stops_consuming_and_comes_back(
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+@contextlib.asynccontextmanager
+async def _node(settings: Settings) -> AsyncIterator[Service]:
+    """`smartcover serve` in this event loop, whatever its role; stopped at the end."""
+    built = await build_service(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_service(built, stop, api=serve_api(api_server(built), stop)))
+    try:
+        yield built
+    finally:
+        stop.set()
+        await task
+
+
+async def _escalations(sessions: async_sessionmaker[AsyncSession]) -> list[str]:
+    async with transaction(sessions, write=False) as session:
+        notes = await session.scalars(
+            select(CaseEventRow.note).where(CaseEventRow.action == "escalate")
+        )
+        return sorted(notes)
+
+
+async def _only_case(sessions: async_sessionmaker[AsyncSession]) -> int | None:
+    async with transaction(sessions, write=False) as session:
+        return await session.scalar(select(CaseRow.id))
+
+
+async def test_timers_see_a_transition_made_through_the_standby_and_fire_once(
+    mosquitto: MosquittoServer,
+    influx_server: InfluxServer,
+    influx_db: str,
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+) -> None:
+    name = f"timers_{uuid.uuid4().hex[:10]}"
+    postgres_server.create_database(name)
+    database_url = postgres_server.url(name)
+    engine = create_engine(database_url)
+    await upgrade(engine)
+    sessions = session_factory(engine)
+    device = plan_pilot(12)[0].device_id
+    await seed_pilot(sessions, plan_pilot(12))
+    # Acknowledgement due after 6 s, on site after 9 s: short enough to watch both pass.
+    deadlines = {"critical": {"acknowledged": 0.1, "on_site": 0.15, "resolved": 600}}
+    nodes = [
+        settings_of(
+            service_env(
+                mosquitto,
+                influx_server,
+                influx_db,
+                tmp_path / node,
+                SMARTCOVER_DATABASE_URL=database_url,
+                SMARTCOVER_ADMIN_KEY=ADMIN_KEY,
+            )
+        ).model_copy(update={"case_deadlines_min": deadlines})
+        for node in ("a", "b")
+    ]
+    async with contextlib.AsyncExitStack() as second_stack:
+        async with _node(nodes[0]) as first:
+            await wait_until(lambda: first.ingest.service.broker_connected, timeout_s=15)
+            second = await second_stack.enter_async_context(_node(nodes[1]))
+            await wait_until(lambda: second.leadership.role == "standby", timeout_s=15)
+            displaced = reading(device, 1, _now_ms(), displacement_mm=45.0)
+            await SteadyPublisher(mosquitto.url, "dev").publish_all(
+                [(f"covers/{device}/telemetry", json.dumps(displaced).encode())], rate_per_s=100
+            )
+            case_id: list[int | None] = [None]
+
+            async def opened() -> bool:
+                case_id[0] = await _only_case(sessions)
+                return case_id[0] is not None
+
+            await _wait_async(opened, timeout_s=15, what="the case")
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{nodes[1].api_port}",
+                headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            ) as standby_api:
+                answer = await standby_api.post(
+                    f"/api/v1/cases/{case_id[0]}/transitions",
+                    json={"to": "acknowledged", "note": "on our way"},
+                )
+            assert answer.status_code == 200, answer.text
+
+            # The active's timers pass both deadlines; only on-site was missed.
+            async def escalated() -> bool:
+                return bool(await _escalations(sessions))
+
+            await _wait_async(escalated, timeout_s=20, what="the on-site escalation")
+            assert await _escalations(sessions) == ["on_site deadline missed"]
+        # The first node stopped: the second takes over the timers and fires none again.
+        await wait_until(lambda: second.leadership.role == "active", timeout_s=15)
+        await asyncio.sleep(3)  # three timer ticks
+        assert await _escalations(sessions) == ["on_site deadline missed"]
+    await engine.dispose()
+
+
+async def _wait_async(
+    condition: Callable[[], Awaitable[bool]], *, timeout_s: float, what: str
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.2)
