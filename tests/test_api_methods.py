@@ -29,6 +29,7 @@ async def api(tmp_path: Path) -> AsyncIterator[RunningApi]:
         ("DELETE", f"/api/v1/covers/{WATER_COVER}", "GET, PATCH"),
         ("POST", "/api/v1/devices/dev-1/binding", "DELETE, PUT"),
         ("GET", "/api/v1/cases/1/transitions", "POST"),
+        ("PATCH", "/api/v1/covers/import", "POST"),  # not a cover number's path
         ("OPTIONS", "/api/v1/stats/units", "GET"),
         ("POST", "/healthz", "GET"),
         ("POST", "/docs/assets/swagger-ui.css", "GET, HEAD"),  # a mount's own answer

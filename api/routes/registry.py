@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, status
 from pydantic import BaseModel, Field
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -41,6 +42,7 @@ from core.registry_schemas import (
     UnitUpdate,
     changes,
 )
+from core.text import PLAIN_PATTERN
 from core.unregistered import UnregisteredDevice, list_unregistered
 
 router = APIRouter(prefix="/api/v1", tags=["registry"], responses=ERRORS)
@@ -53,6 +55,24 @@ DEVICE_ID = r"^[A-Za-z0-9_.-]{1,64}$"
 UnitCodePath = Annotated[str, Path(pattern=UNIT_CODE)]
 CoverIdPath = Annotated[str, Path(pattern=COVER_ID, description="16-digit standard number")]
 DeviceIdPath = Annotated[str, Path(pattern=DEVICE_ID)]
+
+
+class _CoverSegment(Convertor[str]):
+    """A path segment but `import`, so that /covers/import is no cover's path: its GET
+    and PATCH answer 405 (Allow: POST), not a cover number's 422. Other segments reach the
+    route, whose pattern answers 422 for what is not a cover number."""
+
+    regex = "(?!import$)[^/]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("cover", _CoverSegment())
+
 # Cover fields that decide where cases go and when alerts fire: an admin's to change.
 # Dispatchers may correct the rest (state, depth, material, position…) from the field.
 ADMIN_COVER_FIELDS = frozenset({"owner_unit", "maintainer_unit", "thresholds"})
@@ -127,7 +147,11 @@ async def list_covers(
     _key: ViewerKey,
     session: SessionDep,
     owner_unit: Annotated[str | None, Query(pattern=UNIT_CODE)] = None,
-    road: Annotated[str | None, Query(min_length=1, max_length=100)] = None,
+    road: Annotated[
+        str | None,
+        # The app refuses control characters in every parameter (api.deps): stated here.
+        Query(min_length=1, max_length=100, json_schema_extra={"pattern": PLAIN_PATTERN}),
+    ] = None,
     limit: Limit = DEFAULT_LIMIT,
     offset: Offset = 0,
 ) -> Page[Cover]:
@@ -138,7 +162,7 @@ async def list_covers(
     return page_of(covers, limit=limit, offset=offset)
 
 
-@router.get("/covers/{cover_id}")
+@router.get("/covers/{cover_id:cover}")
 async def get_cover(*, cover_id: CoverIdPath, _key: ViewerKey, session: SessionDep) -> Cover:
     return await registry.get_cover(session=session, cover_id=cover_id)
 
@@ -149,7 +173,7 @@ async def create_cover(*, cover: CoverCreate, _key: AdminKey, context: ContextDe
         return await registry.create_cover(session=session, cover=cover)
 
 
-@router.patch("/covers/{cover_id}", responses=WRITE_ERRORS)
+@router.patch("/covers/{cover_id:cover}", responses=WRITE_ERRORS)
 async def update_cover(
     *, cover_id: CoverIdPath, update: CoverUpdate, key: DispatcherKey, context: ContextDep
 ) -> Cover:
