@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, date, datetime, time, timedelta
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import Annotated
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+
+from fastapi import Query
 
 from api.errors import BadRequest
 
@@ -13,6 +16,23 @@ DEFAULT_TZ = "Asia/Shanghai"
 _MONTH = re.compile(r"^([0-9]{4})-(0[1-9]|1[0-2])$")
 # Years a ledger or statistic can sensibly ask about (and datetime arithmetic survives).
 _FIRST_YEAR, _LAST_YEAR = 2000, 2199
+# The two rules above as the schema states them (checked in code, for their 400s).
+_MONTH_PATTERN = r"^2[01][0-9]{2}-(?:0[1-9]|1[0-2])$"
+MonthQuery = Annotated[
+    str | None,
+    Query(
+        description="YYYY-MM; default: this month", json_schema_extra={"pattern": _MONTH_PATTERN}
+    ),
+]
+# The zones this machine's IANA database knows, listed so that the schema says which.
+TzQuery = Annotated[
+    str,
+    Query(
+        max_length=64,
+        description="IANA time zone",
+        json_schema_extra={"enum": sorted(available_timezones())},
+    ),
+]
 
 
 def zone(name: str) -> ZoneInfo:

@@ -42,7 +42,8 @@ MAX_RAW_POINTS = 10_000
 # Downsampled series: a quarter, in at most 2 000 buckets (a chart's width and more).
 MAX_SPAN = timedelta(days=92)
 MAX_BUCKETS = 2_000
-_EVERY = re.compile(r"^([1-9][0-9]{0,5})(s|m|h|d)$")
+EVERY_PATTERN = r"^([1-9][0-9]{0,5})(s|m|h|d)$"
+_EVERY = re.compile(EVERY_PATTERN)
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 MAX_EVERY_S = 86_400
 # Times InfluxDB can store (64-bit nanoseconds), with a margin; and no sensor is older.

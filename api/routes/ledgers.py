@@ -30,7 +30,7 @@ from api.ledgers import (
     problem_sheets,
     write_xlsx,
 )
-from api.periods import DEFAULT_TZ, day_bounds_ms, zone
+from api.periods import DEFAULT_TZ, TzQuery, day_bounds_ms, zone
 from api.routes.registry import UNIT_CODE
 
 router = APIRouter(prefix="/api/v1", tags=["ledgers"], responses=ERRORS)
@@ -112,7 +112,7 @@ async def ledger(
     unit: Annotated[str | None, Query(pattern=UNIT_CODE)] = None,
     from_: Annotated[date | None, Query(alias="from", description="First day")] = None,
     to: Annotated[date | None, Query(description="Last day (included)")] = None,
-    tz: Annotated[str, Query(max_length=64, description="IANA time zone")] = DEFAULT_TZ,
+    tz: TzQuery = DEFAULT_TZ,
 ) -> StreamingResponse:
     """census: the covers as the census import reads them (XLSX: units and devices too),
     a snapshot that takes no period. problems: every case opened from `from` to `to`.

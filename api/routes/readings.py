@@ -12,6 +12,7 @@ from api.errors import ERRORS, Unavailable, error_doc
 from api.readings import (
     DEFAULT_SPAN,
     EARLIEST,
+    EVERY_PATTERN,
     MAX_RAW_POINTS,
     ReadingSeries,
     ReadingWindow,
@@ -42,7 +43,11 @@ async def cover_readings(
     start: Annotated[datetime | None, Query(description="Default: 24 h before end")] = None,
     end: Annotated[datetime | None, Query(description="Default: now; exclusive")] = None,
     every: Annotated[
-        str | None, Query(description="Bucket width (30s, 5m, 1h, 1d): mean and max per field")
+        str | None,
+        Query(
+            description="Bucket width (30s, 5m, 1h, 1d; at most 1d): mean and max per field",
+            json_schema_extra={"pattern": EVERY_PATTERN},
+        ),
     ] = None,
 ) -> ReadingSeries:
     """Raw readings (at most 7 days) or, with `every`, buckets (at most 92 days and 2 000

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 
 from api.deps import ContextDep, SessionDep, ViewerKey
 from api.errors import ERRORS
-from api.periods import DEFAULT_TZ, current_month, month_bounds, zone
+from api.periods import DEFAULT_TZ, MonthQuery, TzQuery, current_month, month_bounds, zone
 from api.schemas import StatsOut
 from api.stats import TARGET_SHARE, unit_stats
 
@@ -21,13 +19,14 @@ async def stats_by_unit(
     _key: ViewerKey,
     session: SessionDep,
     context: ContextDep,
-    month: Annotated[str | None, Query(description="YYYY-MM; default: this month")] = None,
-    tz: Annotated[str, Query(max_length=64, description="IANA time zone")] = DEFAULT_TZ,
+    month: MonthQuery = None,
+    tz: TzQuery = DEFAULT_TZ,
 ) -> StatsOut:
     """Per unit: covers, problem covers, remediated share against the 40 % target, median
     times to acknowledge and to resolve, overdue cases, rank."""
     zone_info = zone(tz)
-    month = month or current_month(context.clock_ms(), zone_info)
+    # Absent: this month. An empty month= is a bad month (400), as the schema says.
+    month = month if month is not None else current_month(context.clock_ms(), zone_info)
     start, end = month_bounds(month, zone_info)
     return StatsOut(
         month=month,
