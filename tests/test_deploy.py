@@ -199,6 +199,22 @@ def test_the_service_environment_is_exactly_settings(compose: dict[str, Any]) ->
     assert spool in compose["volumes"], "the spool must be on a named volume"
 
 
+def test_the_ha_profile_adds_a_second_node_of_the_same_deployment(
+    compose: dict[str, Any],
+) -> None:
+    found = services(compose)
+    first, second = found["smartcover"], found["smartcover-b"]
+    assert second.get("profiles") == ["ha"] and "profiles" not in first
+    # Same client id and database: they compete for one advisory lock (core.leadership).
+    assert environment(first) == environment(second)
+    assert first["healthcheck"] == second["healthcheck"]
+    assert first["depends_on"] == second["depends_on"]
+    spools = [mounts(node)["/var/lib/smartcover/spool"] for node in (first, second)]
+    assert spools[0] != spools[1], "each node needs a spool of its own"
+    ports = [node["ports"][0].rsplit(":", 1) for node in (first, second)]
+    assert ports[0][0] != ports[1][0] and ports[0][1] == ports[1][1] == "8000"
+
+
 def test_every_long_running_service_has_a_health_check(compose: dict[str, Any]) -> None:
     one_shot = jobs(compose)
     assert one_shot == {"migrate", "broker-auth"}
