@@ -42,10 +42,15 @@ MAX_RAW_POINTS = 10_000
 # Downsampled series: a quarter, in at most 2 000 buckets (a chart's width and more).
 MAX_SPAN = timedelta(days=92)
 MAX_BUCKETS = 2_000
-EVERY_PATTERN = r"^([1-9][0-9]{0,5})(s|m|h|d)$"
-_EVERY = re.compile(EVERY_PATTERN)
+_EVERY = re.compile(r"^([1-9][0-9]{0,5})(s|m|h|d)$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 MAX_EVERY_S = 86_400
+# What parse_every accepts (up to MAX_EVERY_S), as the schema states it: 1-86400 s,
+# 1-1440 m, 1-24 h or 1 d.
+EVERY_PATTERN = (
+    r"^(?:(?:[1-9][0-9]{0,3}|[1-7][0-9]{4}|8[0-5][0-9]{3}|86[0-3][0-9]{2}|86400)s"
+    r"|(?:[1-9][0-9]{0,2}|1[0-3][0-9]{2}|14[0-3][0-9]|1440)m|(?:[1-9]|1[0-9]|2[0-4])h|1d)$"
+)
 # Times InfluxDB can store (64-bit nanoseconds), with a margin; and no sensor is older.
 EARLIEST = datetime(1970, 1, 2, tzinfo=UTC)
 LATEST = datetime(2200, 1, 1, tzinfo=UTC)
