@@ -16,9 +16,11 @@ from typing import Annotated, Any, ClassVar, Self
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
+    StrictBool,
     StringConstraints,
     WithJsonSchema,
     model_validator,
@@ -176,6 +178,16 @@ WebhookSecret = Annotated[SecretStr, PLAIN]
 Longitude = Annotated[float, Field(ge=-180, le=180)]
 Latitude = Annotated[float, Field(ge=-90, le=90)]
 DepthCm = Annotated[float, Field(gt=0, le=10_000)]
+
+
+def _date_as_text(value: Any) -> Any:
+    # Pydantic reads a number as a Unix time (0 is 1970-01-01): a date is YYYY-MM-DD here.
+    if not isinstance(value, str | date):
+        raise ValueError("give a date as YYYY-MM-DD")
+    return value
+
+
+IsoDate = Annotated[date, BeforeValidator(_date_as_text)]
 # From a minute (a test rig) to a day (a sensor that only sends heartbeats).
 ReportInterval = Annotated[int, Field(ge=60, le=86_400)]
 DEFAULT_REPORT_INTERVAL_S = 3600  # an NB-IoT cover sensor's usual hourly heartbeat
@@ -342,9 +354,10 @@ class _CoverFields(_Record):
     lat: Latitude
     depth_cm: DepthCm | None = None
     material: ShortText | None = None
-    installed_on: date | None = None
-    flood_prone: bool = False
-    anti_fall: bool = False
+    installed_on: IsoDate | None = None
+    # Strict: 0, 1 or "yes" are not booleans (the schema says so, and a typo is caught).
+    flood_prone: StrictBool = False
+    anti_fall: StrictBool = False
     state: CoverState = CoverState.IN_SERVICE
     thresholds: ThresholdOverrides | None = None
 
@@ -389,9 +402,9 @@ class CoverUpdate(_Record):
     lat: Latitude | None = None
     depth_cm: DepthCm | None = None
     material: ShortText | None = None
-    installed_on: date | None = None
-    flood_prone: bool | None = None
-    anti_fall: bool | None = None
+    installed_on: IsoDate | None = None
+    flood_prone: StrictBool | None = None
+    anti_fall: StrictBool | None = None
     state: CoverState | None = None
     thresholds: ThresholdOverrides | None = None
 
