@@ -175,9 +175,11 @@ WebhookUrl = Annotated[
     WithJsonSchema({"type": "string", "maxLength": 2000, "pattern": WEBHOOK_URL_PATTERN}),
 ]
 WebhookSecret = Annotated[SecretStr, PLAIN]
-Longitude = Annotated[float, Field(ge=-180, le=180)]
-Latitude = Annotated[float, Field(ge=-90, le=90)]
-DepthCm = Annotated[float, Field(gt=0, le=10_000)]
+# Numbers are strict: true or "12.5" is not a number (the schema says so; lax pydantic
+# would read them as 1.0 and 12.5). The census converts its cells before these checks.
+Longitude = Annotated[float, Field(ge=-180, le=180, strict=True)]
+Latitude = Annotated[float, Field(ge=-90, le=90, strict=True)]
+DepthCm = Annotated[float, Field(gt=0, le=10_000, strict=True)]
 
 
 def _date_as_text(value: Any) -> Any:
@@ -189,7 +191,7 @@ def _date_as_text(value: Any) -> Any:
 
 IsoDate = Annotated[date, BeforeValidator(_date_as_text)]
 # From a minute (a test rig) to a day (a sensor that only sends heartbeats).
-ReportInterval = Annotated[int, Field(ge=60, le=86_400)]
+ReportInterval = Annotated[int, Field(ge=60, le=86_400, strict=True)]
 DEFAULT_REPORT_INTERVAL_S = 3600  # an NB-IoT cover sensor's usual hourly heartbeat
 
 
@@ -290,10 +292,10 @@ class Road(RoadCreate):
 
 # -- per-cover thresholds ---------------------------------------------------------------
 
-Degrees = Annotated[float, Field(gt=0, le=180)]
-Millimetres = Annotated[float, Field(gt=0, le=10_000)]
-Centimetres = Annotated[float, Field(gt=0, le=10_000)]
-Volts = Annotated[float, Field(gt=0, le=5)]
+Degrees = Annotated[float, Field(gt=0, le=180, strict=True)]
+Millimetres = Annotated[float, Field(gt=0, le=10_000, strict=True)]
+Centimetres = Annotated[float, Field(gt=0, le=10_000, strict=True)]
+Volts = Annotated[float, Field(gt=0, le=5, strict=True)]
 
 # (lower, upper) pairs that must stay strictly ordered when both are overridden.
 _ORDERED = (
