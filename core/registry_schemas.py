@@ -190,8 +190,17 @@ def _date_as_text(value: Any) -> Any:
 
 
 IsoDate = Annotated[date, BeforeValidator(_date_as_text)]
+
+
+def _number_not_text(value: Any) -> Any:
+    if isinstance(value, str):
+        raise ValueError("give a number, not text")
+    return value
+
+
 # From a minute (a test rig) to a day (a sensor that only sends heartbeats).
-ReportInterval = Annotated[int, Field(ge=60, le=86_400, strict=True)]
+# Not strict: JSON Schema's integer takes 60.0 too, as lax pydantic does; text it does not.
+ReportInterval = Annotated[int, Field(ge=60, le=86_400), BeforeValidator(_number_not_text)]
 DEFAULT_REPORT_INTERVAL_S = 3600  # an NB-IoT cover sensor's usual hourly heartbeat
 
 
