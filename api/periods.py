@@ -24,13 +24,15 @@ MonthQuery = Annotated[
         description="YYYY-MM; default: this month", json_schema_extra={"pattern": _MONTH_PATTERN}
     ),
 ]
-# The zones this machine's IANA database knows, listed so that the schema says which.
+# The zones this machine's IANA database knows, listed so that the schema says which (an
+# empty list would be a schema nothing satisfies: without a database, no list).
+_ZONES = sorted(available_timezones())
 TzQuery = Annotated[
     str,
     Query(
         max_length=64,
         description="IANA time zone",
-        json_schema_extra={"enum": sorted(available_timezones())},
+        json_schema_extra={"enum": _ZONES} if _ZONES else None,
     ),
 ]
 
