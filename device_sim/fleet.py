@@ -65,6 +65,11 @@ ADMIN_CODE = re.compile(r"^\d{6}$")
 DEFAULT_CENTRE = (111.103, 34.720)
 DEFAULT_REPORT_INTERVAL_S = 300
 DEFAULT_DEPTH_CM = 150.0
+# Generated covers take the sequence numbers from 900001 up in each class: a district
+# numbers its covers from 1, so the simulator's do not meet them (and `--register`
+# refuses any cover it did not create: device_sim.register).
+SIM_SEQUENCE_FIRST = 900_001
+MAX_GENERATED = 99_999  # every class could then still number them below 1,000,000
 _METRES_PER_DEGREE = 111_320.0
 
 
@@ -123,11 +128,11 @@ class GeneratedFleet:
     covers_per_road: int = 6
 
     def covers(self) -> list[SimCover]:
-        if not 0 <= self.count <= 999_999:
-            raise FleetError(f"cannot generate {self.count} covers (0 … 999,999)")
+        if not 0 <= self.count <= MAX_GENERATED:
+            raise FleetError(f"cannot generate {self.count} covers (0 … {MAX_GENERATED:,})")
         if not DEVICE_ID.fullmatch(f"{self.device_prefix}-00000"):
             raise FleetError(f"device prefix {self.device_prefix!r} gives invalid device ids")
-        sequences = dict.fromkeys(MINOR_CLASS_OWNER, 0)
+        sequences = dict.fromkeys(MINOR_CLASS_OWNER, SIM_SEQUENCE_FIRST - 1)
         classes, weights = zip(*_CLASS_WEIGHTS.items(), strict=True)
         fleet: list[SimCover] = []
         roads = (self._road(index) for index in itertools.count())

@@ -6,6 +6,14 @@ as a census file (DESIGN §11) through `POST /api/v1/covers/import`, which creat
 updates covers and devices and binds them; owner units it lacks are created first
 (`POST /api/v1/units`). Registering the same fleet again changes nothing.
 
+It never touches what it did not create. Its devices are created first, under the model
+`smartcover-sim` (`SIM_MODEL`), the mark by which a later run knows them. Before writing
+anything it reads the registry: a device of the fleet registered under another model, or
+a cover of the fleet that is registered without one of the simulator's devices on it,
+is someone else's, and registration stops there, naming it (`RegistrationError`). Its
+generated covers are numbered where a district's are not (device_sim.fleet), so that
+this is an accident, not the rule.
+
 The report interval registered is the one the service will see: the device's interval
 divided by the time compression, and at least the registry's minimum of a minute. The
 service's silence timer (3 intervals without a reading) then runs on that interval.
@@ -19,8 +27,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from device_sim.errors import RegistrationError
 from device_sim.fleet import MINOR_CLASS_OWNER, PUBLIC_FACILITIES, SimCover
 from device_sim.service_api import ServiceApi
+
+# The model the simulator registers its devices under: its mark on the registry.
+SIM_MODEL = "smartcover-sim"
 
 # The registry refuses report intervals under a minute (core.registry_schemas).
 MIN_REPORT_INTERVAL_S = 60
@@ -114,10 +126,65 @@ def unit_kind(code: str, covers: Sequence[SimCover]) -> str:
     return "other"
 
 
+def _foreign_device(device_id: str, record: dict[str, object]) -> RegistrationError:
+    cover = f", on cover {record['cover_id']}" if record.get("cover_id") else ""
+    return RegistrationError(
+        f"device {device_id} is in the registry and was not created by the simulator"
+        f" (model {record.get('model')!r}{cover}): --register never rebinds it. Give the"
+        " fleet other device ids (--device-prefix), or leave --register out."
+    )
+
+
+def _foreign_cover(cover_id: str, device_id: object) -> RegistrationError:
+    holder = f"device {device_id} on it" if device_id else "no device on it"
+    return RegistrationError(
+        f"cover {cover_id} is in the registry and was not created by the simulator"
+        f" ({holder}): --register never overwrites it. Number the fleet elsewhere"
+        " (--admin-code), take covers the registry lacks, or leave --register out."
+    )
+
+
+async def _own_devices(api: ServiceApi, covers: Sequence[SimCover]) -> set[str]:
+    """The fleet's devices the registry holds, all of them the simulator's; raises
+    `RegistrationError` on the first device or cover of the fleet that is someone else's."""
+    own: set[str] = set()
+    for cover in covers:
+        record = await api.registered("devices", cover.device_id)
+        if record is None:
+            continue
+        if record.get("model") != SIM_MODEL:
+            raise _foreign_device(cover.device_id, record)
+        own.add(cover.device_id)
+    for cover in covers:
+        record = await api.registered("covers", cover.cover_id)
+        if record is None:
+            continue
+        bound = record.get("device_id")
+        if not isinstance(bound, str) or not await _is_sim_device(api, bound, own):
+            raise _foreign_cover(cover.cover_id, bound)
+    return own
+
+
+async def _is_sim_device(api: ServiceApi, device_id: str, own: set[str]) -> bool:
+    if device_id in own:
+        return True
+    record = await api.registered("devices", device_id)
+    return record is not None and record.get("model") == SIM_MODEL
+
+
 async def register_fleet(
     api: ServiceApi, covers: Sequence[SimCover], intervals: Sequence[int]
 ) -> Registration:
-    """Creates the owner units the registry lacks, then imports the fleet as a census."""
+    """Refuses a fleet that would touch covers or devices the simulator did not create;
+    else creates its devices and the owner units the registry lacks, then imports the
+    fleet as a census (which binds the devices)."""
+    own = await _own_devices(api, covers)
+    devices_created = 0
+    for cover, interval in zip(covers, intervals, strict=True):
+        if cover.device_id in own:
+            continue
+        if await api.create_device(cover.device_id, model=SIM_MODEL, report_interval_s=interval):
+            devices_created += 1
     created = []
     for code in sorted({cover.owner_unit for cover in covers}):
         if not await api.unit_exists(code):
@@ -129,7 +196,7 @@ async def register_fleet(
         units_created=tuple(created),
         covers_created=int(report.get("inserted", 0)),
         covers_updated=int(report.get("updated", 0)),
-        devices_created=int(report.get("devices_created", 0)),
+        devices_created=devices_created + int(report.get("devices_created", 0)),
         devices_updated=int(report.get("devices_updated", 0)),
         bindings_made=int(report.get("bindings_made", 0)),
     )

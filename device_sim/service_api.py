@@ -208,6 +208,25 @@ class ServiceApi:
         if answer.status_code not in (201, 409):  # 409: someone was quicker, as wanted
             raise RegistrationError(_refusal(answer, f"creating unit {code}"))
 
+    async def registered(self, kind: str, key: str) -> dict[str, Any] | None:
+        """The registry's record of a cover or device (`kind` "covers" or "devices"), or
+        None when it has none."""
+        answer = await self._request("GET", f"{API}/{kind}/{key}")
+        if answer.status_code == 404:
+            return None
+        if answer.status_code != 200:
+            raise RegistrationError(_refusal(answer, f"reading {kind} {key}"))
+        record: dict[str, Any] = answer.json()
+        return record
+
+    async def create_device(self, device_id: str, *, model: str, report_interval_s: int) -> bool:
+        """Creates a device; False when it exists already (someone was quicker)."""
+        body = {"device_id": device_id, "model": model, "report_interval_s": report_interval_s}
+        answer = await self._request("POST", f"{API}/devices", json=body)
+        if answer.status_code not in (201, 409):
+            raise RegistrationError(_refusal(answer, f"creating device {device_id}"))
+        return answer.status_code == 201
+
     async def import_census(self, csv_bytes: bytes) -> dict[str, Any]:
         """Imports a census file (all rows or none); returns the import's report."""
         answer = await self._request(

@@ -12,6 +12,7 @@ from core.contract import DEVICE_ID
 from device_sim.errors import FleetError
 from device_sim.fleet import (
     MINOR_CLASS_OWNER,
+    SIM_SEQUENCE_FIRST,
     CredentialsFile,
     CsvFleet,
     GeneratedFleet,
@@ -36,10 +37,12 @@ def test_generated_covers_carry_valid_16_digit_numbers_and_matching_owners() -> 
         assert cover.owner_unit == MINOR_CLASS_OWNER[number[8:10]]
         assert DEVICE_ID.fullmatch(cover.device_id)
         assert 120 <= cover.depth_cm <= 300
-    # Sequence numbers count per class from 1, without gaps.
+    # Sequence numbers count per class from the simulator's 900001, without gaps: a
+    # district's own covers, numbered from 1, are never among them.
     for minor in MINOR_CLASS_OWNER:
         sequences = sorted(int(c.cover_id[10:]) for c in covers if c.cover_id[8:10] == minor)
-        assert sequences == list(range(1, len(sequences) + 1))
+        first = SIM_SEQUENCE_FIRST
+        assert sequences == list(range(first, first + len(sequences)))
     assert {c.owner_unit for c in covers} >= {"drainage", "water_supply", "telecom"}
 
 

@@ -1,17 +1,39 @@
-"""`sim --register`: the fleet as a census the registry imports, owner units, intervals."""
+"""`sim --register`: the fleet as a census the registry imports, owner units, intervals;
+covers and devices it did not create are refused, never overwritten or rebound."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
+from typer.testing import CliRunner, Result
 
 from core import db, registry
 from core.census import import_census, read_census
+from core.registry_models import CoverRow, DeviceRow
 from core.registry_schemas import Unit, UnitKind
-from device_sim.fleet import GeneratedFleet, SimCover
-from device_sim.register import census_csv, service_interval_s, unit_kind
+from device_sim.fleet import SIM_SEQUENCE_FIRST, GeneratedFleet, SimCover
+from device_sim.register import (
+    SIM_MODEL,
+    census_csv,
+    register_fleet,
+    service_interval_s,
+    unit_kind,
+)
+from device_sim.service_api import ServiceApi
+from smartcover.cli import app as cli_app
 from tests.db_fixtures import migrated_sessions
+from tests.test_api_harness import (
+    ADMIN_KEY,
+    DRAIN_COVER,
+    ROAD,
+    WATER_COVER,
+    RunningApi,
+    running_api,
+)
 
 
 @pytest.mark.asyncio
@@ -89,3 +111,87 @@ def test_units_are_created_of_the_kind_their_covers_need() -> None:
     assert unit_kind("TS-XIGONG", covers) == "township"
     assert unit_kind("DR-CITY", covers) == "other"
     assert unit_kind("drainage", covers) == "drainage"  # a generated fleet names its kind
+
+
+@pytest_asyncio.fixture
+async def api(tmp_path: Path) -> AsyncIterator[RunningApi]:
+    """The API on a registry of real covers (WATER_COVER with dev-1, DRAIN_COVER with dev-2)."""
+    async with running_api(f"sqlite:///{tmp_path / 'registry.db'}") as running:
+        yield running
+
+
+def _fleet_csv(path: Path, *rows: tuple[str, str, str]) -> Path:
+    """A census of the simulator's own (`--fleet`): (cover, owner, device) rows."""
+    lines = ["cover_id,owner_unit,road,lon,lat,device_id,report_interval_s"]
+    lines += [f"{cover},{owner},黄河路,111.1,34.7,{device},60" for cover, owner, device in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _sim_register(api: RunningApi, census: Path) -> Result:
+    """`smartcover sim --fleet … --register`; it stops before any broker when refused."""
+    target = ["--service", api.url, "--api-key", ADMIN_KEY, "--broker", "mqtt://127.0.0.1:9"]
+    return CliRunner().invoke(
+        cli_app, ["sim", "--fleet", str(census), "--register", "--duration", "1", *target]
+    )
+
+
+async def _registered(api: RunningApi, cover_id: str) -> tuple[str | None, str, float]:
+    async with db.transaction(api.sessions, write=False) as session:
+        cover = await registry.get_cover(session=session, cover_id=cover_id)
+    return cover.device_id, cover.road, cover.lon
+
+
+@pytest.mark.asyncio
+async def test_register_refuses_a_real_cover_and_leaves_it_as_it_was(
+    api: RunningApi, tmp_path: Path
+) -> None:
+    before = await _registered(api, WATER_COVER)
+    new_cover = "4112030103900001"
+    census = _fleet_csv(
+        tmp_path / "fleet.csv", (new_cover, "DRAIN", "sim-a"), (WATER_COVER, "WATER", "sim-b")
+    )
+    result = await asyncio.to_thread(_sim_register, api, census)
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert f"cover {WATER_COVER} is in the registry and was not created by the simulator" in (
+        message
+    )
+    assert "device dev-1 on it" in message
+    assert await _registered(api, WATER_COVER) == before
+    async with db.transaction(api.sessions, write=False) as session:
+        # Nothing was written: refused before the first write, not halfway.
+        assert await session.get(DeviceRow, "sim-a") is None
+        assert await session.get(CoverRow, new_cover) is None
+
+
+@pytest.mark.asyncio
+async def test_register_never_rebinds_a_device_it_did_not_create(
+    api: RunningApi, tmp_path: Path
+) -> None:
+    census = _fleet_csv(tmp_path / "fleet.csv", ("4112030103900001", "DRAIN", "dev-2"))
+    result = await asyncio.to_thread(_sim_register, api, census)
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "device dev-2 is in the registry and was not created by the simulator" in message
+    assert f"on cover {DRAIN_COVER}" in message
+    assert (await _registered(api, DRAIN_COVER))[0] == "dev-2"
+
+
+@pytest.mark.asyncio
+async def test_a_generated_fleet_is_registered_beside_real_covers_again_and_again(
+    api: RunningApi,
+) -> None:
+    covers = GeneratedFleet(12, seed=4).covers()
+    # The district's covers are numbered from 1, as the harness's: the fleet's never meet them.
+    assert all(int(cover.cover_id[10:]) >= SIM_SEQUENCE_FIRST for cover in covers)
+    intervals = [60] * len(covers)
+    async with ServiceApi(api.url, api_key=ADMIN_KEY) as service:
+        first = await register_fleet(service, covers, intervals)
+        again = await register_fleet(service, covers, intervals)
+    assert (first.covers_created, first.devices_created, first.bindings_made) == (12, 12, 12)
+    assert not again.changed
+    async with db.transaction(api.sessions, write=False) as session:
+        device = await registry.get_device(session=session, device_id=covers[0].device_id)
+    assert device.model == SIM_MODEL
+    assert await _registered(api, WATER_COVER) == ("dev-1", ROAD, 112.45)
