@@ -182,6 +182,12 @@ class Settings(BaseSettings):
         # `VAR=` in a .env or compose file means "not set", not the current directory.
         return None if value == "" else value
 
+    @field_validator("mqtt_protocol", mode="before")
+    @classmethod
+    def _protocol_from_text(cls, value: object) -> object:
+        # The environment gives "4", which a Literal of ints would refuse as a string.
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
     @field_validator("broker_crew_key")
     @classmethod
     def _crew_key_is_long(cls, value: SecretStr) -> SecretStr:

@@ -9,6 +9,9 @@ share one thread: measured on a 2-core test machine against a local Mosquitto, 5
 devices connect in 0.15 s (1,000 in 0.3 s) and publish ~8,000 readings/s, message
 generation included, from one core and ~50 MB of memory.
 
+The protocol: MQTT 5 unless told otherwise, and MQTT 3.1.1 with a broker that refuses 5,
+such as the amqtt broker `smartcover demo` embeds: one probe connection asks first.
+
 Reconnecting: a device that loses its connection without being told to reconnects on its
 own with exponential back-off and jitter; paho keeps its unacknowledged QoS 1 messages
 and sends them again once connected (at least once, as the contract expects).
@@ -20,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 import socket
 import ssl
 import time
@@ -51,6 +55,9 @@ _TIMER_INTERVAL_S = 1.0
 _CONNECT_CHUNK = 50
 # A device told to go offline waits at most this long for its last PUBACKs first.
 _OFFLINE_GRACE_S = 5.0
+# What an MQTT 3.1.1 broker answers an MQTT 5 CONNECT: CONNACK, return code 0x01
+# "unacceptable protocol version" (MQTT-3.1.2-2); an MQTT 5 broker's CONNACK is longer.
+_REFUSES_MQTT5 = b"\x20\x02\x00\x01"
 # MQTT 5 DISCONNECT reason 0x04: the broker publishes the Will as if the link had died.
 _WITH_WILL = ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message")
 
@@ -261,6 +268,48 @@ class DeviceSession:
             sock = self._client.socket()
 
 
+def _mqtt5_probe_connect() -> bytes:
+    """A minimal MQTT 5 CONNECT: clean start, 10 s keep-alive, no properties, no Will."""
+    client_id = f"smartcover-sim-probe-{secrets.token_hex(4)}".encode()
+    variable_header = b"\x00\x04MQTT\x05\x02\x00\x0a\x00"
+    body = variable_header + len(client_id).to_bytes(2, "big") + client_id
+    return bytes((0x10, len(body))) + body  # under 128 bytes: a one-byte length
+
+
+async def broker_protocol(
+    endpoint: MqttEndpoint, wanted: int, *, ssl_context: ssl.SSLContext | None = None
+) -> int:
+    """The protocol the devices speak: `wanted`, or 4 (MQTT 3.1.1) when `wanted` is 5 and
+    the broker refuses MQTT 5. Unreachable or unclear: `wanted` (connecting says why).
+
+    The probe carries no Will although the devices' CONNECTs do: amqtt 0.12.1 (the demo's
+    broker; `BrokerProtocolHandler.init_from_connect`) checks a CONNECT's Will, parsed the
+    3.1.1 way, before the protocol level, so it drops an MQTT 5 CONNECT with a Will ("Will
+    flag set, but will topic/message not present in payload") without the CONNACK 0x01
+    that MQTT-3.1.2-2 requires, which leaves a client nothing to fall back on.
+    """
+    if wanted != 5:
+        return wanted
+    tls = (ssl_context or ssl.create_default_context()) if endpoint.tls else None
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port, ssl=tls)
+            try:
+                writer.write(_mqtt5_probe_connect())
+                answer = await reader.readexactly(len(_REFUSES_MQTT5))
+                writer.write(b"\xe0\x00")  # DISCONNECT, for a broker that accepted us
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        return wanted
+    if answer == _REFUSES_MQTT5:
+        logger.info("the broker refuses MQTT 5: the devices speak MQTT 3.1.1")
+        return 4
+    return wanted
+
+
 class DeviceFleet:
     """The sessions of all simulated devices of this process, on the running loop."""
 
@@ -310,6 +359,7 @@ async def connected_fleet(
     connect_timeout_s: float = 15.0,
 ) -> AsyncIterator[DeviceFleet]:
     """Connects every cover's device; leaving the block disconnects them with their Will."""
+    protocol = await broker_protocol(endpoint, protocol)
     stats = LinkStats()
     fleet = DeviceFleet(
         [

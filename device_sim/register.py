@@ -9,10 +9,10 @@ updates covers and devices and binds them; owner units it lacks are created firs
 It never touches what it did not create. Its devices are created first, under the model
 `smartcover-sim` (`SIM_MODEL`), the mark by which a later run knows them. Before writing
 anything it reads the registry: a device of the fleet registered under another model, or
-a cover of the fleet that is registered without one of the simulator's devices on it,
-is someone else's, and registration stops there, naming it (`RegistrationError`). Its
-generated covers are numbered where a district's are not (device_sim.fleet), so that
-this is an accident, not the rule.
+a cover of the fleet whose device (or, with none on it, any device it ever had) is not
+one of the simulator's, is someone else's, and registration stops there, naming it
+(`RegistrationError`). Its generated covers are numbered where a district's are not
+(device_sim.fleet), so that this is an accident, not the rule.
 
 The report interval registered is the one the service will see: the device's interval
 divided by the time compression, and at least the registry's minimum of a minute. The
@@ -160,14 +160,22 @@ async def _own_devices(api: ServiceApi, covers: Sequence[SimCover]) -> set[str]:
         if record is None:
             continue
         bound = record.get("device_id")
-        if not isinstance(bound, str) or not await _is_sim_device(api, bound, own):
+        if not await _is_sim_cover(api, cover.cover_id, bound, own):
             raise _foreign_cover(cover.cover_id, bound)
     return own
 
 
-async def _is_sim_device(api: ServiceApi, device_id: str, own: set[str]) -> bool:
-    if device_id in own:
-        return True
+async def _is_sim_cover(api: ServiceApi, cover_id: str, bound: object, own: set[str]) -> bool:
+    """Whether the simulator made this cover: its device is the simulator's, or, with
+    none on it now (a later fleet took it), every device it ever had was."""
+    devices = [bound] if isinstance(bound, str) else await api.devices_ever_on(cover_id)
+    for device_id in devices:
+        if device_id not in own and not await _is_sim_device(api, device_id):
+            return False
+    return bool(devices)
+
+
+async def _is_sim_device(api: ServiceApi, device_id: str) -> bool:
     record = await api.registered("devices", device_id)
     return record is not None and record.get("model") == SIM_MODEL
 

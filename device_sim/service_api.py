@@ -219,6 +219,13 @@ class ServiceApi:
         record: dict[str, Any] = answer.json()
         return record
 
+    async def devices_ever_on(self, cover_id: str) -> list[str]:
+        """The devices mounted on a cover over time (its binding history), oldest first."""
+        answer = await self._request("GET", f"{API}/covers/{cover_id}/bindings")
+        if answer.status_code != 200:
+            raise RegistrationError(_refusal(answer, f"reading cover {cover_id}'s devices"))
+        return [str(binding["device_id"]) for binding in answer.json()]
+
     async def create_device(self, device_id: str, *, model: str, report_interval_s: int) -> bool:
         """Creates a device; False when it exists already (someone was quicker)."""
         body = {"device_id": device_id, "model": model, "report_interval_s": report_interval_s}

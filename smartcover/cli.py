@@ -82,13 +82,16 @@ def demo(
     pace: Annotated[
         float, typer.Option(help="Storyline time factor (0.1: ten times faster).")
     ] = 1.0,
+    broker_port: Annotated[
+        int, typer.Option(help="Port of the embedded MQTT broker (a free one if taken).")
+    ] = 1883,
 ) -> None:
     """Everything on embedded defaults, nothing to install: broker, stores, covers, story."""
     from smartcover import demo as demo_module  # noqa: PLC0415 -- keeps `--help` fast
 
     logs.configure("WARNING")
     shutil.rmtree(directory, ignore_errors=True)
-    demo_module.main(directory, port, pace)
+    demo_module.main(directory, port, pace, broker_port)
 
 
 @app.command()

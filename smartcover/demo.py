@@ -6,6 +6,11 @@ service `smartcover serve` runs: decoding, rules, case desk, outbox, API. The st
 normal traffic; a lorry's one-reading tilt spike (no case); a vehicle strike displacing a
 cover (a critical case for its owner); a storm flooding the low-lying road (one incident);
 a crew working the strike's case through the API; the sensor verifying the fix.
+
+Engineers test against it: the broker listens on 1883 (another free port when 1883 is
+taken) and the admin key is also written to `<dir>/admin-key`, so `smartcover sim`
+reaches the demo with its defaults and that key. The simulator's devices speak MQTT 5,
+which amqtt does not: they find out and speak 3.1.1 (device_sim.devices.broker_protocol).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import secrets
 import signal
@@ -43,6 +49,8 @@ from smartcover.serve import api_server, serve_api
 logger = logging.getLogger(__name__)
 
 DEMO_COVERS = 300
+BROKER_PORT = 1883  # MQTT's own port: `smartcover sim` and other tools find the demo there
+ADMIN_KEY_FILE = "admin-key"
 REPORT_INTERVAL_S = 60  # each sensor's routine report; events are reported at once
 CREW = "crew:demo"
 
@@ -51,6 +59,16 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def broker_port(wanted: int) -> int:
+    """`wanted` if it is free on the loopback, else a free port (a Mosquitto may hold 1883)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", wanted))
+        except OSError:
+            return free_port()
+    return wanted
 
 
 @dataclass
@@ -257,13 +275,19 @@ async def _show(service: Service, story: Story, console: Console) -> None:
 
 
 async def run_demo(
-    directory: Path, *, api_port: int, pace: float, console: Console, stop: asyncio.Event
+    directory: Path,
+    *,
+    api_port: int,
+    pace: float,
+    console: Console,
+    stop: asyncio.Event,
+    mqtt_port: int = BROKER_PORT,
 ) -> None:
     await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
-    broker_port = free_port()
+    mqtt_port = broker_port(mqtt_port)
     broker = Broker(
         {
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{broker_port}"}},
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{mqtt_port}"}},
             "plugins": {
                 "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
             },
@@ -271,7 +295,8 @@ async def run_demo(
     )
     await broker.start()
     admin_key = secrets.token_urlsafe(24)
-    settings = demo_settings(directory, broker_port, api_port, admin_key)
+    await asyncio.to_thread(_keep_admin_key, directory / ADMIN_KEY_FILE, admin_key)
+    settings = demo_settings(directory, mqtt_port, api_port, admin_key)
     covers = plan_pilot(DEMO_COVERS)
     await _seed(settings, covers)
     service = await build_service(settings)
@@ -306,6 +331,13 @@ async def _seed(settings: Settings, covers: list[SeededCover]) -> None:
         await engine.dispose()
 
 
+def _keep_admin_key(path: Path, admin_key: str) -> None:
+    """The key in a file only this user reads, for scripts and `smartcover sim`."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="ascii") as file:
+        file.write(admin_key + "\n")
+
+
 def _announce(console: Console, settings: Settings, admin_key: str) -> None:
     base = f"http://{settings.api_host}:{settings.api_port}"
     console.print(
@@ -317,9 +349,15 @@ def _announce(console: Console, settings: Settings, admin_key: str) -> None:
     console.print(f"  cases         {base}/api/v1/cases")
     console.print(f"  metrics       {base}/metrics")
     console.print(f"  admin API key {admin_key}   (Authorization: Bearer …; this run only)")
+    broker = settings.mqtt_url.get_secret_value()
+    console.print(
+        f"  simulator     smartcover sim --broker {broker} --service {base} --register"
+        "   (SMARTCOVER_API_KEY: the admin key)",
+        soft_wrap=True,
+    )
 
 
-def main(directory: Path, api_port: int, pace: float) -> None:
+def main(directory: Path, api_port: int, pace: float, mqtt_port: int = BROKER_PORT) -> None:
     console = Console()
 
     async def go() -> None:
@@ -327,7 +365,14 @@ def main(directory: Path, api_port: int, pace: float) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        await run_demo(directory, api_port=api_port, pace=pace, console=console, stop=stop)
+        await run_demo(
+            directory,
+            api_port=api_port,
+            pace=pace,
+            console=console,
+            stop=stop,
+            mqtt_port=mqtt_port,
+        )
 
     asyncio.run(go())
     console.print("\ndemo stopped")

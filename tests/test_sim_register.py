@@ -189,8 +189,15 @@ async def test_a_generated_fleet_is_registered_beside_real_covers_again_and_agai
     async with ServiceApi(api.url, api_key=ADMIN_KEY) as service:
         first = await register_fleet(service, covers, intervals)
         again = await register_fleet(service, covers, intervals)
+        # Its devices may move to its covers elsewhere and back: the covers they left
+        # had only ever its devices, so they are still its own.
+        elsewhere = GeneratedFleet(12, seed=4, admin_code="411204").covers()
+        moved = await register_fleet(service, elsewhere, intervals)
+        back = await register_fleet(service, covers, intervals)
     assert (first.covers_created, first.devices_created, first.bindings_made) == (12, 12, 12)
     assert not again.changed
+    assert (moved.covers_created, moved.bindings_made) == (12, 12)
+    assert (back.covers_created, back.bindings_made) == (0, 12)
     async with db.transaction(api.sessions, write=False) as session:
         device = await registry.get_device(session=session, device_id=covers[0].device_id)
     assert device.model == SIM_MODEL
