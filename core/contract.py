@@ -38,6 +38,10 @@ class Reason(StrEnum):
     STALE_TS = "stale_ts"
     STORE_REJECTED = "store_rejected"
     RATE_LIMITED = "rate_limited"  # the device's messages come far faster than a sensor's
+    # Ingress from IoT platforms and vendor frames (DESIGN §12).
+    BAD_SIGNATURE = "bad_signature"  # a push whose signature or token is wrong: refused, 401
+    UNKNOWN_DEVICE = "unknown_device"  # no registry device has that source's external id
+    DECODE_FAILED = "decode_failed"  # the device model's codec could not read the payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +234,18 @@ class TelemetryDecoder:
             else:
                 rejections.append(rejection)
         return Decoded(readings, rejections)
+
+
+def validate_fields(device_id: str, fields: dict[str, Any], now_ms: int) -> Decoded:
+    """Validates one reading's fields (as a codec produced them) by the contract's rules:
+    the same checks, ranges and time limits as a v1 message on the broker."""
+    if not DEVICE_ID.fullmatch(device_id):
+        return _rejected(Reason.SCHEMA, f"device_id {device_id[:64]!r} is not a device id")
+    try:
+        checked = _ReadingFields.model_validate(fields)
+    except ValidationError as exc:
+        return Decoded([], [_classify(exc)])
+    return TelemetryDecoder._accept([(device_id, checked)], now_ms)
 
 
 def _rejected(reason: Reason, detail: str) -> Decoded:

@@ -151,6 +151,11 @@ class Settings(BaseSettings):
     # `10.20.0.0/16` for an on-premises receiver. Empty: only public addresses.
     outbound_allow_nets: Annotated[tuple[IPv4Network | IPv6Network, ...], NoDecode] = ()
 
+    # Device models the operator adds (`*.toml` codec files) to the built-in ones, and the
+    # ingress sources (DESIGN §12: `[sources.<name>]` tables). Unset: none of either.
+    codecs_dir: Path | None = None
+    sources_file: Path | None = None
+
     # `smartcover devices …` only: the broker's files and how to make it re-read them
     # (flags override). Unset ACL template: the project's `mosquitto/acl`.
     broker_password_file: Path | None = None
@@ -175,6 +180,8 @@ class Settings(BaseSettings):
         "broker_acl_template",
         "broker_pid_file",
         "broker_reload_cmd",
+        "codecs_dir",
+        "sources_file",
         mode="before",
     )
     @classmethod

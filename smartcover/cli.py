@@ -17,6 +17,7 @@ from core import logs
 from ingest.bootstrap import ConfigurationError, deadletter_log
 from smartcover.backup_cli import backup_command, restore_command
 from smartcover.cli_settings import load_settings
+from smartcover.codecs_cli import app as codecs_app
 from smartcover.devices_cli import app as devices_app
 from smartcover.keys_cli import app as keys_app
 from smartcover.registry_cli import covers_app, db_app, units_app
@@ -33,6 +34,7 @@ app.add_typer(units_app, name="units", help="Owner and maintainer units.")
 app.add_typer(db_app, name="db", help="The relational store: migrations.")
 app.add_typer(devices_app, name="devices", help="Sensor credentials and the broker's files.")
 app.add_typer(keys_app, name="keys", help="API keys and their roles.")
+app.add_typer(codecs_app, name="codecs", help="Device models: payload codecs, and testing one.")
 app.command()(sim)
 app.command("backup")(backup_command)
 app.command("restore")(restore_command)
