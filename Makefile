@@ -46,6 +46,7 @@ bench: install servers
 	$(BIN)/python -m bench.registry_import
 	$(BIN)/python -m bench.outbox_prune
 	$(BIN)/python -m bench.soak
+	$(BIN)/python -m bench.city
 
 # Everything embedded: broker, stores, a seeded pilot and its storyline. Nothing to install.
 demo: install

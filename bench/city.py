@@ -38,6 +38,7 @@ import random
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -431,6 +432,7 @@ class Figures:
     stored_lag_max_ms: float
     loop_stalls_100ms: int
     loop_stalls_1s: int
+    full_gc_ms: list[float]  # the service's full collections (with --gc-log)
     alarm_delays_ms: list[float] = field(default_factory=list)
 
 
@@ -464,7 +466,9 @@ def _stalls(probes: Probes, start: float, end: float) -> tuple[int, int]:
     return int(late), int(later)
 
 
-def figures(step: Step, answer: dict[str, Any], probes: Probes, start: float) -> Figures:
+def figures(
+    step: Step, answer: dict[str, Any], probes: Probes, start: float, gc_log: Path | None
+) -> Figures:
     end = time.monotonic()
     rss = _within(probes.rss, start, end)
     health = [s * 1000 for s in _within(probes.health, start, end)]
@@ -485,10 +489,13 @@ def figures(step: Step, answer: dict[str, Any], probes: Probes, start: float) ->
         stored_lag_max_ms=round(max(lags), 1) if lags else -1.0,
         loop_stalls_100ms=stalls[0],
         loop_stalls_1s=stalls[1],
+        full_gc_ms=full_collections(gc_log, start, end),
     )
 
 
-async def run_steps(plan: list[Step], probes: Probes, covers: int) -> list[Figures]:
+async def run_steps(
+    plan: list[Step], probes: Probes, covers: int, gc_log: Path | None
+) -> list[Figures]:
     context = multiprocessing.get_context("spawn")
     done: list[Figures] = []
     for step in plan:
@@ -500,7 +507,7 @@ async def run_steps(plan: list[Step], probes: Probes, covers: int) -> list[Figur
         answer = json.loads(await asyncio.to_thread(out.get, True, _STEP_TIMEOUT_S))
         await asyncio.to_thread(worker.join, 30)
         await asyncio.sleep(_TAIL_S)
-        done.append(figures(step, answer, probes, start))
+        done.append(figures(step, answer, probes, start, gc_log))
         done[-1].answer["strikes"] = [c for at, c in probes.strikes if at >= start]
         print_row(done[-1])
         for what, figures_of_kind in done[-1].answer.get("by_kind", {}).items():
@@ -528,6 +535,56 @@ def service_env(
         "SMARTCOVER_API_RATE_PER_S": "100000",
         "SMARTCOVER_API_RATE_BURST": "100000",
     }
+
+
+# `--gc-log`: the service, with every full (generation 2) garbage collection written to a
+# file: when it started (the monotonic clock, shared by all processes) and how long it
+# took. `--gc-freeze` also moves the registry cache into the collector's permanent
+# generation after each load (an experiment in this launcher, not the service's code).
+_GC_LAUNCHER = """
+import gc, json, os, runpy, sys, time
+log = open(os.environ["BENCH_GC_LOG"], "a", buffering=1)
+began = [0.0]
+def on_gc(phase, info):
+    if info["generation"] != 2:
+        return
+    if phase == "start":
+        began[0] = time.monotonic()
+    else:
+        took = time.monotonic() - began[0]
+        log.write(json.dumps({"at": began[0], "s": took, "collected": info["collected"]}) + "\\n")
+gc.callbacks.append(on_gc)
+if os.environ.get("BENCH_GC_FREEZE"):
+    import core.registry_cache as cache
+    load = cache._load
+    async def load_then_freeze(session, version):
+        snapshot = await load(session, version)
+        gc.freeze()
+        return snapshot
+    cache._load = load_then_freeze
+sys.argv = ["smartcover", "serve"]
+runpy.run_module("smartcover", run_name="__main__", alter_sys=True)
+"""
+
+
+def start_traced_service(
+    env: dict[str, str], log_path: Path, gc_log: Path, freeze: bool
+) -> subprocess.Popen[bytes]:
+    env = {**env, "BENCH_GC_LOG": str(gc_log)}
+    if freeze:
+        env["BENCH_GC_FREEZE"] = "1"
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-c", _GC_LAUNCHER], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+def full_collections(gc_log: Path | None, start: float, end: float) -> list[float]:
+    """Durations (ms) of the service's full collections that began in [start, end]."""
+    if gc_log is None or not gc_log.exists():
+        return []
+    found = (json.loads(line) for line in gc_log.read_text().splitlines() if line)
+    return [round(c["s"] * 1000, 1) for c in found if start <= c["at"] <= end]
 
 
 def wait_ready(base: str, service: subprocess.Popen[bytes]) -> float:
@@ -582,7 +639,8 @@ async def measure(
             group.create_task(probes.run(broker_url, args.covers, stop))
             await asyncio.sleep(args.warmup)
             try:
-                results = await run_steps(steps(args.census), probes, args.covers)
+                plan = [s for s in steps(args.census) if s.name not in args.skip]
+                results = await run_steps(plan, probes, args.covers, args.gc_log)
             finally:
                 stop.set()
     finally:
@@ -616,7 +674,11 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         api_port = free_port()
         base = f"http://127.0.0.1:{api_port}"
         env = service_env(root, (postgres, influx, broker), api_port)
-        service = start_service(env, root / "service.log")
+        if args.gc_log is None:
+            service = start_service(env, root / "service.log")
+        else:
+            args.gc_log.unlink(missing_ok=True)
+            service = start_traced_service(env, root / "service.log", args.gc_log, args.gc_freeze)
         try:
             ready_s = wait_ready(base, service)
             rest_mb = psutil.Process(service.pid).memory_info().rss / _MB
@@ -652,7 +714,7 @@ def print_row(f: Figures) -> None:
         f" {f.rss_peak_mb:.0f} MB; /healthz p50 {f.health_p50_ms:.0f} p99 {f.health_p99_ms:.0f}"
         f" max {f.health_max_ms:.0f} ms; stored lag p99 {f.stored_lag_p99_ms:.0f} max"
         f" {f.stored_lag_max_ms:.0f} ms; loop stalls >100 ms {f.loop_stalls_100ms},"
-        f" >1 s {f.loop_stalls_1s}",
+        f" >1 s {f.loop_stalls_1s}; full collections {f.full_gc_ms} ms",
         flush=True,
     )
 
@@ -664,9 +726,10 @@ def report(outcome: dict[str, Any], json_path: Path) -> None:
     )
     print(
         "| step | took | peak RSS MB | /healthz p50 / p99 / max ms |"
-        " publish → stored p99 / max ms | alarm max ms | loop stalls > 0.1 s / > 1 s |"
+        " publish → stored p99 / max ms | alarm max ms (strikes) | loop stalls > 0.1 s / > 1 s |"
+        " full GCs (longest ms) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for f in (Figures(**s) for s in outcome["steps"]):
         alarms = f.alarm_delays_ms
         worst = "missed" if -1.0 in alarms else (f"{max(alarms):.0f}" if alarms else "-")
@@ -680,6 +743,7 @@ def report(outcome: dict[str, Any], json_path: Path) -> None:
             f" {f.health_p50_ms:.0f} / {f.health_p99_ms:.0f} / {f.health_max_ms:.0f} |"
             f" {f.stored_lag_p99_ms:.0f} / {f.stored_lag_max_ms:.0f} | {worst} ({len(alarms)}) |"
             f" {f.loop_stalls_100ms} / {f.loop_stalls_1s} |"
+            f" {len(f.full_gc_ms)} ({max(f.full_gc_ms, default=0):.0f}) |"
         )
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(outcome, indent=2))
@@ -691,7 +755,16 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2000.0, help="readings/s, steady")
     parser.add_argument("--warmup", type=float, default=15.0, help="seconds of load first")
     parser.add_argument("--json", type=Path, default=Path("bench-results/city.json"))
+    parser.add_argument(
+        "--skip", action="append", default=[], help="a step's name (e.g. 'census XLSX whole')"
+    )
+    parser.add_argument("--gc-log", type=Path, help="log the service's full collections here")
+    parser.add_argument(
+        "--gc-freeze", action="store_true", help="with --gc-log: freeze the cache after loads"
+    )
     args = parser.parse_args()
+    if args.gc_freeze and args.gc_log is None:
+        parser.error("--gc-freeze needs --gc-log")
     with tempfile.TemporaryDirectory(prefix="smartcover-bench-city-") as tmp:
         root = Path(tmp)
         root.chmod(0o755)  # as root, PostgreSQL runs as another user who must reach it
