@@ -38,6 +38,10 @@ _CREW_POLL_S = 0.1
 _FINISHED = frozenset({"closed", "cancelled"})
 # Longest part of an error answer quoted in a message.
 _QUOTE = 300
+# A registration and a check make bursts of requests that a key's rate limit (20/s by
+# default) answers with 429: each is retried after the Retry-After asked, this often.
+_RATE_LIMITED_TRIES = 5
+_RETRY_AFTER_MAX_S = 5.0
 
 
 class ServiceApi:
@@ -61,6 +65,15 @@ class ServiceApi:
         await self._client.aclose()
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request; answered 429 (the key's rate limit), retried after Retry-After."""
+        for _ in range(_RATE_LIMITED_TRIES - 1):
+            answer = await self._send(method, path, **kwargs)
+            if answer.status_code != 429:
+                return answer
+            await asyncio.sleep(_retry_after_s(answer))
+        return await self._send(method, path, **kwargs)
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             return await self._client.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
@@ -246,6 +259,15 @@ class ServiceApi:
             raise RegistrationError(_refusal(answer, "importing the fleet's census"))
         report: dict[str, Any] = answer.json()
         return report
+
+
+def _retry_after_s(answer: httpx.Response) -> float:
+    """The wait a 429 asks for (whole seconds), within reason; a second without one."""
+    try:
+        wait = float(answer.headers.get("Retry-After", "1"))
+    except ValueError:
+        wait = 1.0
+    return min(max(wait, 0.1), _RETRY_AFTER_MAX_S)
 
 
 def _case(item: dict[str, Any]) -> ObservedCase:
