@@ -19,7 +19,10 @@ MAX_SPEED = 1_000_000
 # Every reason one device message can be dead-lettered for: store_rejected is the store's,
 # and rate_limited takes a flood of messages, not one.
 _NOT_ONE_MESSAGE = (Reason.STORE_REJECTED, Reason.RATE_LIMITED)
-DEVICE_REASONS = tuple(reason for reason in Reason if reason not in _NOT_ONE_MESSAGE)
+# Reasons of the ingress adapters (DESIGN §12: HTTP pushes, platform ids, vendor codecs),
+# which a simulated device publishing v1 JSON over MQTT never meets.
+_NOT_MQTT_V1 = (Reason.BAD_SIGNATURE, Reason.UNKNOWN_DEVICE, Reason.DECODE_FAILED)
+DEVICE_REASONS = tuple(reason for reason in Reason if reason not in _NOT_ONE_MESSAGE + _NOT_MQTT_V1)
 
 AlertKind = Literal[
     "cover_open", "cover_tilted", "cover_displaced", "water_high", "battery_low", "device_silent"
@@ -180,6 +183,9 @@ class MalformedEvent(_Event):
             raise ValueError("store_rejected comes from the store; a device cannot cause it")
         if Reason.RATE_LIMITED in reasons:
             raise ValueError("rate_limited takes a flood of messages, not one malformed message")
+        adapters = [reason.value for reason in reasons if reason in _NOT_MQTT_V1]
+        if adapters:
+            raise ValueError(f"{', '.join(adapters)}: ingress adapters' reasons, not a device's")
         return reasons
 
 
