@@ -13,7 +13,9 @@ The rules:
   that field as it was, while an empty cell means "none" (or the default). Per-cover
   thresholds, which the census does not carry, are never touched.
 - `device_id` binds that device to the cover (created when new; moved or replacing, as
-  `registry.bind_device` does); an empty cell leaves the cover's device as it is.
+  `registry.bind_device` does); an empty cell leaves the cover's device as it is. The
+  device's `model`, `source` and `external_id` (DESIGN §12) are set when given; an empty
+  cell leaves them as they are.
 - Everything is written in the caller's transaction, in bulk; `dry_run` writes nothing
   and reports what an import would do.
 """
@@ -50,11 +52,13 @@ from core.registry_schemas import (
     DepthCm,
     DeviceId,
     EndReason,
+    ExternalId,
     KindCode,
     Latitude,
     Longitude,
     ReportInterval,
     ShortText,
+    SourceName,
     UnitCode,
     kind_code_of,
 )
@@ -214,7 +218,12 @@ _COLUMNS = (
     _Column("state", "状态", False, _state),
     _Column("device_id", "设备编号", False, _validator(DeviceId)),
     _Column("report_interval_s", "上报周期", False, lambda text: _interval(_integer(text))),
+    _Column("model", "型号", False, _text),
+    _Column("source", "来源", False, _validator(SourceName)),
+    _Column("external_id", "外部编号", False, _validator(ExternalId)),
 )
+# The device's own columns: each needs a device_id on its row.
+_DEVICE_FIELDS = ("report_interval_s", "model", "source", "external_id")
 _BY_HEADER = {
     **{column.field: column for column in _COLUMNS},
     **{column.chinese: column for column in _COLUMNS},
@@ -445,7 +454,8 @@ class _Registry:
     unit_kinds: dict[str, str]
     roads: dict[str, tuple[int, str | None]]  # name → (id, township unit)
     covers: dict[str, tuple[Any, ...]]  # cover_id → the stored values of _STORED
-    devices: dict[str, int]  # device_id → report interval
+    devices: dict[str, _DeviceValues]  # device_id → what is stored
+    external_ids: dict[tuple[str, str], str]  # (source, external id) → device_id
     open_by_device: dict[str, tuple[int, str]]  # device_id → (binding id, cover_id)
     open_by_cover: dict[str, tuple[int, str]]  # cover_id → (binding id, device_id)
 
@@ -467,9 +477,15 @@ async def _load_registry(session: AsyncSession) -> _Registry:
         row[0]: tuple(intern(value) for value in row[1:])
         for row in await session.execute(select(CoverRow.cover_id, *stored))
     }
-    devices = dict(
-        (await session.execute(select(DeviceRow.device_id, DeviceRow.report_interval_s))).all()
-    )
+    devices: dict[str, _DeviceValues] = {}
+    external_ids: dict[tuple[str, str], str] = {}
+    columns = (DeviceRow.report_interval_s, DeviceRow.model, DeviceRow.source)
+    for device_id, *stored in await session.execute(
+        select(DeviceRow.device_id, *columns, DeviceRow.external_id)
+    ):
+        devices[device_id] = _DeviceValues(*stored)
+        if stored[2] is not None and stored[3] is not None:
+            external_ids[(stored[2], stored[3])] = device_id
     open_rows = await session.execute(
         select(DeviceBindingRow.id, DeviceBindingRow.device_id, DeviceBindingRow.cover_id).where(
             DeviceBindingRow.unbound_at.is_(None)
@@ -480,7 +496,7 @@ async def _load_registry(session: AsyncSession) -> _Registry:
     for binding_id, device_id, cover_id in open_rows:
         by_device[device_id] = (binding_id, cover_id)
         by_cover[cover_id] = (binding_id, device_id)
-    return _Registry(units, roads, covers, devices, by_device, by_cover)
+    return _Registry(units, roads, covers, devices, external_ids, by_device, by_cover)
 
 
 class _Checker:
@@ -491,6 +507,7 @@ class _Checker:
         self.layout = layout
         self.cover_rows: dict[str, int] = {}
         self.device_rows: dict[str, int] = {}
+        self.external_id_rows: dict[tuple[str, str], int] = {}
 
     def check(self, row: _Row) -> list[RowError]:
         values = row.values
@@ -543,12 +560,32 @@ class _Checker:
     def _device(self, row: _Row) -> list[RowError]:
         device_id = row.values.get("device_id")
         if device_id is None:
-            if row.values.get("report_interval_s") is not None:
-                return [self._error(row, "report_interval_s", "given without a device_id")]
-            return []
+            return [
+                self._error(row, name, "given without a device_id")
+                for name in _DEVICE_FIELDS
+                if row.values.get(name) is not None
+            ]
         first = self.device_rows.setdefault(device_id, row.number)
         if first != row.number:
             return [self._error(row, "device_id", f"{device_id} is also in row {first}")]
+        return self._external_id(row, device_id)
+
+    def _external_id(self, row: _Row, device_id: str) -> list[RowError]:
+        """One device per id on a source, in the file and in the registry."""
+        stored = self.registry.devices.get(device_id)
+        source = row.values.get("source") or (stored.source if stored else None)
+        external_id = row.values.get("external_id") or (stored.external_id if stored else None)
+        if source is None or external_id is None:
+            return []
+        key = (source, external_id)
+        first = self.external_id_rows.setdefault(key, row.number)
+        if first != row.number:
+            return [self._error(row, "external_id", f"{external_id} is also in row {first}")]
+        holder = self.registry.external_ids.get(key, device_id)
+        if holder != device_id:
+            return [
+                self._error(row, "external_id", f"{source} id {external_id!r} is {holder}'s")
+            ]
         return []
 
 
@@ -566,7 +603,31 @@ class _Cover:
     road: str
     values: tuple[Any, ...]  # as _VALUES, defaults applied to empty cells
     device_id: str | None
-    interval: int | None
+    device: _DeviceValues  # the file's device columns; None: not given
+
+
+@dataclass(frozen=True, slots=True)
+class _DeviceValues:
+    report_interval_s: int | None
+    model: str | None
+    source: str | None
+    external_id: str | None
+
+    def over(self, stored: _DeviceValues) -> _DeviceValues:
+        """These values where given, the stored ones elsewhere."""
+        return _DeviceValues(
+            *(
+                mine if mine is not None else theirs
+                for mine, theirs in zip(_astuple(self), _astuple(stored), strict=True)
+            )
+        )
+
+
+def _astuple(values: _DeviceValues) -> tuple[Any, ...]:
+    return (values.report_interval_s, values.model, values.source, values.external_id)
+
+
+_NO_DEVICE_VALUES = _DeviceValues(DEFAULT_REPORT_INTERVAL_S, None, None, None)
 
 
 def _compact(row: _Row, intern: _Interner) -> _Cover:
@@ -579,7 +640,7 @@ def _compact(row: _Row, intern: _Interner) -> _Cover:
         road=intern(values["road"]),
         values=tuple(intern(value) for value in fields),
         device_id=values.get("device_id"),
-        interval=values.get("report_interval_s"),
+        device=_DeviceValues(*(values.get(name) for name in _DEVICE_FIELDS)),
     )
 
 
@@ -594,8 +655,8 @@ class _Plan:
     inserts: list[_Cover] = field(default_factory=list)
     updates: list[_Cover] = field(default_factory=list)
     unchanged: int = 0
-    new_devices: list[tuple[str, int]] = field(default_factory=list)
-    device_updates: list[tuple[str, int]] = field(default_factory=list)
+    new_devices: list[tuple[str, _DeviceValues]] = field(default_factory=list)
+    device_updates: list[tuple[str, _DeviceValues]] = field(default_factory=list)
     bindings: list[tuple[str, str]] = field(default_factory=list)  # (device_id, cover_id)
 
     @property
@@ -634,12 +695,16 @@ def _plan_device(plan: _Plan, cover: _Cover, registry: _Registry) -> None:
         return
     known = registry.devices.get(cover.device_id)
     if known is None:
-        plan.new_devices.append((cover.device_id, cover.interval or DEFAULT_REPORT_INTERVAL_S))
-    elif cover.interval is not None and cover.interval != known:
-        plan.device_updates.append((cover.device_id, cover.interval))
+        plan.new_devices.append((cover.device_id, cover.device.over(_NO_DEVICE_VALUES)))
+    elif (merged := cover.device.over(known)) != known:
+        plan.device_updates.append((cover.device_id, merged))
     current = registry.open_by_device.get(cover.device_id)
     if current is None or current[1] != cover.cover_id:
         plan.bindings.append((cover.device_id, cover.cover_id))
+
+
+def _device_columns(values: _DeviceValues) -> dict[str, Any]:
+    return dict(zip(_DEVICE_FIELDS, _astuple(values), strict=True))
 
 
 def _table(model: type[Base]) -> Table:
@@ -724,7 +789,7 @@ async def _write_devices(
         plan.new_devices,
         lambda new: {
             "device_id": new[0],
-            "report_interval_s": new[1],
+            **_device_columns(new[1]),
             "created_at": now,
             "updated_at": now,
         },
@@ -732,13 +797,13 @@ async def _write_devices(
     statement = (
         update(devices)
         .where(devices.c.device_id == bindparam("b_device_id"))
-        .values(report_interval_s=bindparam("report_interval_s"), updated_at=now)
+        .values(**{name: bindparam(name) for name in _DEVICE_FIELDS}, updated_at=now)
     )
     await _execute_chunked(
         session,
         statement,
         plan.device_updates,
-        lambda change: {"b_device_id": change[0], "report_interval_s": change[1]},
+        lambda change: {"b_device_id": change[0], **_device_columns(change[1])},
     )
     bindings = _table(DeviceBindingRow)
     # Ended first: the unique index on open bindings would refuse the new ones.

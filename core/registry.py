@@ -509,6 +509,8 @@ def _device(row: DeviceRow, cover_id: str | None) -> Device:
         device_id=row.device_id,
         model=row.model,
         report_interval_s=row.report_interval_s,
+        source=row.source,
+        external_id=row.external_id,
         cover_id=cover_id,
         has_credentials=row.credential_hash is not None,
         created_at=row.created_at,
@@ -543,8 +545,11 @@ async def create_device(
         device_id=device.device_id,
         model=device.model,
         report_interval_s=device.report_interval_s,
+        source=device.source,
+        external_id=device.external_id,
         credential_hash=hash_secret(secret) if secret is not None else None,
     )
+    await _check_external_id_free(session, row)
     session.add(row)
     # Registered now: should it be seen unregistered again one day, that is news again.
     unregistered = await session.get(UnregisteredDeviceRow, device.device_id)
@@ -553,6 +558,31 @@ async def create_device(
     await _flush(session, "device", device.device_id)
     await bump_version(session=session)
     return _device(row, None)
+
+
+async def _check_external_id_free(session: AsyncSession, row: DeviceRow) -> None:
+    """One device per id on a source: a second is a conflict naming the first."""
+    if row.source is None or row.external_id is None:
+        return
+    with session.no_autoflush:
+        holder = await device_of_external_id(
+            session=session, source=row.source, external_id=row.external_id
+        )
+    if holder is not None and holder != row.device_id:
+        raise Conflict(
+            "device", row.device_id, f"{row.source} id {row.external_id!r} is {holder}'s already"
+        )
+
+
+async def device_of_external_id(
+    *, session: AsyncSession, source: str, external_id: str
+) -> str | None:
+    """The registry device a source's external id maps to, if any."""
+    query = select(DeviceRow.device_id).where(
+        DeviceRow.source == source, DeviceRow.external_id == external_id
+    )
+    found: str | None = await session.scalar(query)
+    return found
 
 
 async def get_device(*, session: AsyncSession, device_id: str) -> Device:
@@ -578,6 +608,7 @@ async def update_device(*, session: AsyncSession, device_id: str, update: Device
     row = await _device_row(session, device_id)
     for name, value in changes(update).items():
         setattr(row, name, value)
+    await _check_external_id_free(session, row)
     await _flush(session, "device", device_id)
     await bump_version(session=session)
     return await get_device(session=session, device_id=device_id)

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
@@ -91,9 +92,15 @@ class DeviceRow(Base):
     """A sensor, known by the device id it publishes under."""
 
     __tablename__ = "devices"
+    # A platform's id names one device; devices without one (nulls) are not compared.
+    __table_args__ = (UniqueConstraint("source", "external_id"),)
 
     device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     model: Mapped[str | None] = mapped_column(String(100))
+    # The ingress source it reports through (SMARTCOVER_SOURCES_FILE) and its id there:
+    # IMEI, devEUI, the platform's device id (DESIGN §12).
+    source: Mapped[str | None] = mapped_column(String(64))
+    external_id: Mapped[str | None] = mapped_column(String(128))
     report_interval_s: Mapped[int] = mapped_column(Integer)
     # Only a salted hash of the device's MQTT password (see core.registry.hash_secret).
     credential_hash: Mapped[str | None] = mapped_column(String(200))

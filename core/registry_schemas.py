@@ -151,6 +151,11 @@ KindCode = Annotated[
 UnitCode = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 # Anchored here: the contract's pattern is used with fullmatch().
 DeviceId = Annotated[str, StringConstraints(pattern=rf"^(?:{DEVICE_ID.pattern})$")]
+# An ingress source's name (a `[sources.<name>]` table) and a device's id on it: an IMEI,
+# a devEUI, a platform's device id: printable ASCII without spaces.
+SOURCE_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+SourceName = Annotated[str, StringConstraints(pattern=SOURCE_NAME_PATTERN)]
+ExternalId = Annotated[str, StringConstraints(pattern=r"^[!-~]{1,128}$")]
 # Free strings refuse control characters (core.text): codes and numbers above have
 # patterns that leave none in.
 # Stripped, so at least one character that is not a space (the schema says so too).
@@ -443,6 +448,9 @@ class DeviceCreate(_Record):
     device_id: DeviceId
     model: ShortText | None = None
     report_interval_s: ReportInterval = DEFAULT_REPORT_INTERVAL_S
+    # Readings pushed by that source under that id are this device's (both needed).
+    source: SourceName | None = None
+    external_id: ExternalId | None = None
 
 
 class DeviceUpdate(_Record):
@@ -451,6 +459,8 @@ class DeviceUpdate(_Record):
 
     model: ShortText | None = None
     report_interval_s: ReportInterval | None = None
+    source: SourceName | None = None
+    external_id: ExternalId | None = None
 
     @model_validator(mode="after")
     def _interval_stays_set(self) -> Self:
