@@ -23,3 +23,10 @@ class MqttRefused(MqttError):
     """The broker refused the connection for a reason that retrying will not fix soon."""
 
     retryable = False
+
+
+class IngestUnavailable(IngestError):
+    """Readings cannot be taken here now (a standby, stopping, or not made durable): the
+    sender should deliver them again (HTTP push: 503)."""
+
+    retryable = True

@@ -24,7 +24,7 @@ from core.contract import Decoded, Reading, Reason, TelemetryDecoder
 from core.deadletters import DeadLetter
 from core.settings import Settings
 from ingest import mqtt
-from ingest.errors import MqttError, MqttRefused
+from ingest.errors import IngestUnavailable, MqttError, MqttRefused
 from ingest.foreign_subscriptions import (
     SERVICE_SUBSCRIPTION_ID,
     ForeignSubscriptions,
@@ -115,6 +115,7 @@ class IngestService:
         self._sealed: asyncio.Queue[Batch] = asyncio.Queue()
         self._stopping = False
         self._abandoned = False
+        self._running = False
         self._foreign = ForeignSubscriptions(
             [own_filter(self._options.share_group)],
             self._options.share_group,
@@ -124,6 +125,34 @@ class IngestService:
     @property
     def broker_connected(self) -> bool:
         return self._connection is not None and self._connection.is_open
+
+    @property
+    def accepting(self) -> bool:
+        """Consuming (the active process, not stopping): submitted readings are taken."""
+        return self._running and not self._stopping
+
+    async def submit(self, readings: list[Reading], dead_letters: list[DeadLetter]) -> None:
+        """Readings received another way (an HTTP push), on the MQTT readings' one path:
+        evaluated now, added to the open batch, and returned from once that batch is
+        durable and its evaluation committed. IngestUnavailable when this process is not
+        consuming, or the batch could not be made durable."""
+        if not self.accepting:
+            raise IngestUnavailable("not consuming: a standby, or stopping")
+        batch = self._batch
+        if not batch.messages:
+            batch.opened_at = time.monotonic()
+        batch.messages += 1
+        batch.readings.extend(readings)
+        batch.covers.extend(self._writer.covers_now(readings))
+        if self._evaluator is not None:
+            self._evaluate(readings, self._clock_ms())
+        batch.dead_letters.extend(dead_letters)
+        durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        batch.waiters.append(durable)
+        if batch.size >= self._options.batch_size or batch.messages >= self._options.batch_size:
+            self._seal()
+        # Shielded: a caller that gives up leaves the batch's own future alone.
+        await asyncio.shield(durable)
 
     # The hot path: called by the connection for every PUBLISH.
 
@@ -215,6 +244,15 @@ class IngestService:
         started = time.monotonic()
         self._stopping = self._abandoned = False
         self._drop_sealed()
+        self._running = True
+        try:
+            await self._run_tasks(stop)
+        finally:
+            self._running = False
+            _fail(self._batch.waiters, "stopped before the readings were written")
+        self._log_summary(time.monotonic() - started)
+
+    async def _run_tasks(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as group:
             write_task = group.create_task(self._write_forever(), name="ingest-writer")
             age_task = group.create_task(self._seal_old_batches(), name="ingest-batch-age")
@@ -225,7 +263,6 @@ class IngestService:
             finally:
                 for task in (write_task, age_task, replay_task, prune_task):
                     task.cancel()
-        self._log_summary(time.monotonic() - started)
 
     async def _stay_connected(self, stop: asyncio.Event) -> None:
         """The reconnect loop: one `async with` per connection, re-subscribing each time."""
@@ -237,6 +274,8 @@ class IngestService:
             protocol=self._options.protocol,
         )
         while not stop.is_set():
+            if self._batch.messages:
+                self._seal()  # readings pushed over HTTP meanwhile are written all the same
             # A new batch for the new connection before it exists: a resumed session's
             # messages may arrive in the same read as the CONNACK.
             self._connection_id += 1
@@ -305,6 +344,7 @@ class IngestService:
         nothing more (what is unacknowledged goes to the new active); `run` then returns
         without draining once its `stop` is set."""
         self._abandoned = self._stopping = True
+        _fail(self._batch.waiters, "this process is no longer the active one")
         if self._connection is not None:
             self._connection.pause_reading()
             self._connection.abort()
@@ -312,7 +352,7 @@ class IngestService:
     def _drop_sealed(self) -> None:
         """Forgets batches an abandoned run left: never acknowledged, delivered again."""
         while not self._sealed.empty():
-            self._sealed.get_nowait()
+            _fail(self._sealed.get_nowait().waiters, "this process was no longer the active one")
             self._sealed.task_done()
 
     async def _drain(self, connection: mqtt.MqttConnection | None) -> None:
@@ -348,7 +388,11 @@ class IngestService:
                         self._evaluator.commit_through(batch.generation),
                     )
                 self._acknowledge(batch)
+                for waiter in batch.waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
             finally:
+                _fail(batch.waiters, "the batch was not made durable")  # those left waiting
                 self._sealed.task_done()
             connection = self._connection
             if (
@@ -397,3 +441,11 @@ class IngestService:
             totals.dead_lettered,
             totals.acknowledged,
         )
+
+
+def _fail(waiters: list[asyncio.Future[None]], why: str) -> None:
+    """Tells HTTP pushes still waiting that their readings were not made durable here."""
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_exception(IngestUnavailable(why))
+            waiter.exception()  # retrieved: a caller that gave up must not make asyncio warn

@@ -58,6 +58,9 @@ class Batch:
     # its earlier readings along to the new cover.
     covers: list[str | None] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    # HTTP pushes waiting for this batch: resolved once it is durable and evaluated, as
+    # its MQTT messages are acknowledged then (ingest.service.IngestService.submit).
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     @property
     def size(self) -> int:
