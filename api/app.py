@@ -24,6 +24,7 @@ from api.routes import cases as case_routes
 from api.routes import dashboard as dashboard_routes
 from api.routes import ledgers as ledger_routes
 from api.routes import notifications as notification_routes
+from api.routes import push as push_routes
 from api.routes import readings as reading_routes
 from api.routes import registry as registry_routes
 from api.routes import stats as stats_routes
@@ -32,6 +33,7 @@ from api.stream import OutboxSignal, StreamConfig
 from core.clock import wall_clock_ms
 from core.outbound import OutboundPolicy
 from core.registry_cache import RegistryChange
+from ingest.push.handler import PushIngress
 
 DOCS_ASSETS = "/docs/assets"  # Swagger UI's and ReDoc's scripts and styles
 # Swagger UI would send the schema's URL to its public validator for a badge: no badge.
@@ -65,13 +67,15 @@ def create_app(
     limits: ApiLimits | None = None,
     heavy_limits: HeavyLimits | None = None,
     outbound: OutboundPolicy | None = None,
+    push: PushIngress | None = None,
 ) -> FastAPI:
     """The app. Without `sessions` only /healthz, /readyz and /metrics are served (an
     ingest-only process); with them, the whole API. `readings` None: the readings
     endpoint answers 503. `outbox_signal`: call its `notify()` after writing the outbox
     to wake the live streams at once, and `close()` at shutdown to end them. `limits`:
     body sizes, and each key's request rate and live streams (None: body sizes only).
-    `outbound`: the non-public networks a unit's webhook URL may name (None: none)."""
+    `outbound`: the non-public networks a unit's webhook URL may name (None: none).
+    `push`: platforms' HTTP pushes (`/ingest/v1/{source}`) and the sources' list."""
     # Swagger UI and ReDoc from the package's own files: pilots run without the internet.
     app = FastAPIOffline(
         static_url=DOCS_ASSETS,
@@ -119,6 +123,9 @@ def create_app(
         ):
             app.include_router(module.router)
         app.mount("/dashboard", dashboard_routes.DashboardFiles(), name="dashboard")
+    if push is not None:
+        app.state.push = push
+        app.include_router(push_routes.router)
     return app
 
 

@@ -155,6 +155,9 @@ class Settings(BaseSettings):
     # ingress sources (DESIGN §12: `[sources.<name>]` tables). Unset: none of either.
     codecs_dir: Path | None = None
     sources_file: Path | None = None
+    # An HTTP push not durable and evaluated within this is answered 503 (the platform
+    # delivers it again): CTWing pauses subscribers that answer slowly.
+    push_deadline_s: Annotated[float, Field(gt=0)] = 5.0
 
     # `smartcover devices …` only: the broker's files and how to make it re-read them
     # (flags override). Unset ACL template: the project's `mosquitto/acl`.

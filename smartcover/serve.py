@@ -24,6 +24,7 @@ from core.settings import Settings
 from core.timeseries import InfluxStore, ReadingStore
 from core.timeseries_sqlite import SqliteReadingStore
 from ingest.bootstrap import build_store
+from ingest.push.handler import PushIngress
 from smartcover.runtime import Service, build_service, case_policy, run_service
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ def api_server(service: Service, *, full: bool = True) -> ApiServer:
         registry_changed=service.cache.apply,
         heavy_limits=heavy_limits(settings),
         outbound=OutboundPolicy.from_settings(settings),
+        push=PushIngress.from_service(service),
     )
     return _uvicorn(app, settings)
 

@@ -48,6 +48,9 @@ class CodecRegistry:
             )
         return codec
 
+    def knows(self, model: str | None) -> bool:
+        return model is not None and model in self._codecs
+
     @property
     def models(self) -> list[str]:
         return sorted(self._codecs)

@@ -1,0 +1,1 @@
+"""HTTP push from IoT platforms (CTWing, OneNET, IoTDA, plain http-json): DESIGN §12."""
