@@ -1,4 +1,5 @@
-"""`smartcover devices …`: device credentials, and the broker's password file and ACL."""
+"""`smartcover devices …`: device credentials, the broker's password file and ACL, and
+devices that report through an IoT platform (their source and external id)."""
 
 from __future__ import annotations
 
@@ -239,6 +240,73 @@ def provision(
     )
     _print_credentials(device_id, secret)
     _reload(settings, pid_file, reload_cmd)
+
+
+# -- register (devices that report through a platform) -----------------------------------
+
+
+@app.command()
+def register(
+    device_id: Annotated[str, typer.Argument(help="The device's id in the registry.")],
+    *,
+    source: Annotated[
+        str | None, typer.Option(help="The source it reports through (SMARTCOVER_SOURCES_FILE).")
+    ] = None,
+    external_id: Annotated[
+        str | None, typer.Option(help="Its id on that source: IMEI, dev_id, device_id.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Device model (its codec).")] = None,
+    interval: Annotated[
+        int | None, typer.Option(help="Report interval in seconds (60-86400).")
+    ] = None,
+    cover: Annotated[
+        str | None, typer.Option(help="Standard number of the cover it is mounted on.")
+    ] = None,
+) -> None:
+    """Registers a device that reports through an IoT platform (no broker credentials),
+    or updates its source, external id, model or interval; binds it to `--cover`."""
+    settings = load_settings()
+    logs.configure(settings.log_level)
+    given = {"source": source, "external_id": external_id, "model": model}
+    fields: dict[str, object] = {name: value for name, value in given.items() if value}
+    if interval is not None:
+        fields["report_interval_s"] = interval
+
+    async def work(sessions: async_sessionmaker[AsyncSession]) -> bool:
+        try:
+            return await _register_in_registry(sessions, device_id, fields, cover)
+        except ValidationError as exc:
+            raise _fail(f"Invalid device: {exc}") from None
+
+    created = _run(settings, work)
+    mapping = f" as {source} id {external_id}" if source and external_id else ""
+    bound = f", bound to cover {cover}" if cover else ""
+    verb = "registered" if created else "updated"
+    console.print(f"Device {device_id} {verb}{mapping}{bound}.", highlight=False)
+
+
+async def _register_in_registry(
+    sessions: async_sessionmaker[AsyncSession],
+    device_id: str,
+    fields: dict[str, object],
+    cover_id: str | None,
+) -> bool:
+    """Creates or updates the device, and binds it, in one transaction; True if created."""
+    async with db.transaction(sessions) as session:
+        try:
+            await registry.get_device(session=session, device_id=device_id)
+        except NotFound:
+            device = DeviceCreate.model_validate({"device_id": device_id, **fields})
+            await registry.create_device(session=session, device=device)
+            created = True
+        else:
+            if fields:
+                update = DeviceUpdate.model_validate(fields)
+                await registry.update_device(session=session, device_id=device_id, update=update)
+            created = False
+        if cover_id is not None:
+            await registry.bind_device(session=session, device_id=device_id, cover_id=cover_id)
+    return created
 
 
 # -- passwords --------------------------------------------------------------------------
