@@ -240,3 +240,37 @@ def test_cli_prints_the_reading_or_the_exact_failure() -> None:
     unknown = runner.invoke(app, ["codecs", "test", "nope", "{}"])
     assert unknown.exit_code == 2
     assert "no codec for device model 'nope'" in unknown.output
+
+
+def _distribution(root: Path, module: str, entry: str) -> None:
+    """An installed distribution, as pip leaves one: a module and its dist-info."""
+    info = root / f"{module}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[smartcover.codecs]\n{entry}\n")
+
+
+def test_an_entry_point_adds_a_python_codec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "acme_codec.py").write_text(
+        "class Codec:\n"
+        "    model = 'acme-x1'\n"
+        "    def decode(self, payload):\n"
+        "        level = int.from_bytes(payload[:2], 'big')\n"
+        "        return [{'tilt_deg': 0.0, 'displacement_mm': 0.0, 'water_level_cm': level}]\n"
+    )
+    _distribution(tmp_path, "acme_codec", "acme-x1 = acme_codec:Codec")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    codecs = load_codecs()
+    (reading,) = decode_payload(codecs.get("acme-x1"), b"\x00\x7b", ENVELOPE).readings
+    assert reading.water_level_cm == 123.0
+
+
+def test_an_entry_point_that_does_not_load_is_refused_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _distribution(tmp_path, "broken_codec", "broken = broken_codec:missing")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(CodecConfigError, match=r"entry point broken \(broken_codec:missing\)"):
+        load_codecs()

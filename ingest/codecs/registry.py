@@ -87,7 +87,13 @@ def _from_entry_points() -> Iterable[tuple[str, Codec]]:
             loaded = point.load()
         except Exception as exc:  # whatever importing a plug-in raises, named at start
             raise CodecConfigError(f"{where}: cannot load it: {exc!r}") from exc
-        codec = loaded if isinstance(loaded, Codec) else loaded()
+        # A codec object, or a class or factory making one (a class passes the protocol's
+        # check by its attributes: instantiate it).
+        if isinstance(loaded, type) or not isinstance(loaded, Codec):
+            if not callable(loaded):
+                raise CodecConfigError(f"{where}: is neither a codec nor returns one")
+            loaded = loaded()
+        codec = loaded
         if not isinstance(codec, Codec):
             raise CodecConfigError(f"{where}: is neither a codec nor returns one")
         yield where, codec
