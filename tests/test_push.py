@@ -32,9 +32,19 @@ from tests.servers import InfluxServer, MosquittoServer
 pytestmark = pytest.mark.asyncio
 VECTORS = Path(__file__).parent / "vectors"
 ADMIN_KEY = "an-admin-key-for-this-test-only"
-TOKENS = {"ct": "ctwing-token-1234", "one": "onenet-token-5678", "hw": "iotda-token-9012"}
-# The pilot's first three devices, each known to one platform by the vectors' ids.
-EXTERNAL = {"ct": "867725030000001", "one": "2016617", "hw": "5f1e2c0d8e3c_868120000000003"}
+TOKENS = {
+    "ct": "ctwing-token-1234",
+    "one": "onenet-token-5678",
+    "hw": "iotda-token-9012",
+    "gw": "gateway-token-3456",
+}
+# The pilot's first four devices, each known to one source by the vectors' ids.
+EXTERNAL = {
+    "ct": "867725030000001",
+    "one": "2016617",
+    "hw": "5f1e2c0d8e3c_868120000000003",
+    "gw": "gw-0001",
+}
 SOURCES = f"""
 [sources.ct]
 kind = "ctwing"
@@ -50,6 +60,15 @@ model = "vendor-jc300-json"
 [sources.hw]
 kind = "iotda"
 token = "{TOKENS["hw"]}"
+
+[sources.gw]
+kind = "http-json"
+token = "{TOKENS["gw"]}"
+
+[sources.lan]
+kind = "http-json"
+token = "{TOKENS["gw"]}"
+allow = ["10.20.0.0/16"]
 """
 
 
@@ -67,9 +86,9 @@ async def seeded_database(tmp_path: Path) -> str:
     engine = create_engine(database_url)
     await upgrade(engine)
     sessions = session_factory(engine)
-    await seed_pilot(sessions, plan_pilot(3))
+    await seed_pilot(sessions, plan_pilot(4))
     async with transaction(sessions) as session:
-        for cover, source in zip(plan_pilot(3), EXTERNAL, strict=True):
+        for cover, source in zip(plan_pilot(4), EXTERNAL, strict=True):
             update = DeviceUpdate(source=source, external_id=EXTERNAL[source])
             await registry.update_device(session=session, device_id=cover.device_id, update=update)
     await engine.dispose()
@@ -199,7 +218,9 @@ async def test_iotda_property_report_is_stored_and_raises_an_alert(
     assert await alerts(service) == [("cover_displaced", device)]
     assert [(s["name"], s["kind"], s["has_token"]) for s in listed.json()] == [
         ("ct", "ctwing", True),
+        ("gw", "http-json", True),
         ("hw", "iotda", True),
+        ("lan", "http-json", True),
         ("one", "onenet", True),
     ]
     assert TOKENS["hw"] not in listed.text
@@ -256,3 +277,29 @@ async def test_a_store_outage_answers_503_and_the_redelivery_is_stored_once(
                 assert again.status_code == 200, again.text
             await wait_until(lambda: influx.count("outage") == 2, timeout_s=10)
             assert len(await alerts(service)) == 1
+
+
+async def test_http_json_takes_a_v1_batch_and_an_address_outside_allow_is_refused(
+    service: Service, influx_server: InfluxServer, influx_db: str
+) -> None:
+    ts = now_ms()
+    batch = {
+        "device_id": EXTERNAL["gw"],
+        "readings": [
+            {"seq": 1, "ts": ts - 1000, "tilt_deg": 0.5, "displacement_mm": 0.0},
+            {"seq": 2, "ts": ts, "tilt_deg": 0.5, "displacement_mm": 0.0, "battery_v": 9.0},
+        ],
+    }
+    token = {"token": TOKENS["gw"]}
+    async with client(service) as http:
+        outside = await http.post("/ingest/v1/lan", params=token, json=batch)
+        assert outside.status_code == 403
+        unknown = await http.post("/ingest/v1/nope", params=token, json=batch)
+        assert unknown.status_code == 404
+        answer = await http.post("/ingest/v1/gw", params=token, json=batch)
+        assert answer.status_code == 200, answer.text
+        metrics = (await http.get("/metrics")).text
+    [point] = influx_server.points(influx_db)  # the second is out of range: dead-lettered
+    assert (point["device_id"], point["seq"]) == (plan_pilot(4)[3].device_id, 1)
+    assert 'smartcover_push_refused_total{reason="address",source="lan"} 1.0' in metrics
+    assert 'smartcover_deadletters_total{reason="out_of_range"} 1.0' in metrics
