@@ -117,6 +117,10 @@ CENSUS_COLUMNS = (
     Column("state", "state", "状态", translate=True),
     Column("device_id", "device_id", "设备编号"),
     Column("report_interval_s", "report_interval_s", "上报周期"),
+    # The device's model and its id on a platform (DESIGN §12), as the census imports them.
+    Column("model", "model", "型号"),
+    Column("source", "source", "来源"),
+    Column("external_id", "external_id", "外部编号"),
 )
 UNIT_COLUMNS = (
     Column("code", "code", "单位代码"),
@@ -130,6 +134,8 @@ DEVICE_COLUMNS = (
     Column("model", "model", "型号"),
     Column("report_interval_s", "report_interval_s", "上报周期"),
     Column("cover_id", "cover_id", "井盖编号"),
+    Column("source", "source", "来源"),
+    Column("external_id", "external_id", "外部编号"),
 )
 PROBLEM_COLUMNS = (
     Column("case_id", "case_id", "案件编号"),
@@ -219,6 +225,9 @@ def _census_query(unit: str | None) -> AnySelect:
             *(getattr(CoverRow, c.key) for c in CENSUS_COLUMNS[5:14]),
             DeviceBindingRow.device_id,
             DeviceRow.report_interval_s,
+            DeviceRow.model,
+            DeviceRow.source,
+            DeviceRow.external_id,
         )
         .join(RoadRow, RoadRow.id == CoverRow.road_id)
         .outerjoin(DeviceBindingRow, _OPEN_BINDING)
@@ -236,6 +245,8 @@ def _devices_query(unit: str | None) -> AnySelect:
             DeviceRow.model,
             DeviceRow.report_interval_s,
             DeviceBindingRow.cover_id,
+            DeviceRow.source,
+            DeviceRow.external_id,
         )
         .outerjoin(
             DeviceBindingRow,

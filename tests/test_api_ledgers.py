@@ -221,7 +221,14 @@ async def test_census_ledger_is_the_registry_and_imports_back(api: RunningApi) -
             assert row[11] == ("false" if lang == "en" else "否")
             assert row[13] == ("in_service" if lang == "en" else "在用")
             assert cover.device_id is not None
-            assert row[14:] == [cover.device_id, str(devices[cover.device_id].report_interval_s)]
+            device = devices[cover.device_id]
+            assert row[14:] == [
+                cover.device_id,
+                str(device.report_interval_s),
+                device.model or "",
+                device.source or "",
+                device.external_id or "",
+            ]
         again = await api.client("admin").post(
             "/api/v1/covers/import",
             params={"dry_run": True},
