@@ -116,6 +116,7 @@ class IngestService:
         self._stopping = False
         self._abandoned = False
         self._running = False
+        self._writing = False  # the writer is making a batch durable now
         self._foreign = ForeignSubscriptions(
             [own_filter(self._options.share_group)],
             self._options.share_group,
@@ -149,7 +150,11 @@ class IngestService:
         batch.dead_letters.extend(dead_letters)
         durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         batch.waiters.append(durable)
-        if batch.size >= self._options.batch_size or batch.messages >= self._options.batch_size:
+        # A platform waits for the answer: with the writer idle, write now rather than
+        # when the batch is old; while it writes, pushes gather for the next write.
+        idle = not self._writing and self._sealed.empty()
+        full = batch.size >= self._options.batch_size
+        if idle or full or batch.messages >= self._options.batch_size:
             self._seal()
         # Shielded: a caller that gives up leaves the batch's own future alone.
         await asyncio.shield(durable)
@@ -377,6 +382,7 @@ class IngestService:
     async def _write_forever(self) -> None:
         while True:
             batch = await self._sealed.get()
+            self._writing = True
             try:
                 if self._evaluator is None:
                     await self._writer.persist(batch)
@@ -393,7 +399,10 @@ class IngestService:
                         waiter.set_result(None)
             finally:
                 _fail(batch.waiters, "the batch was not made durable")  # those left waiting
+                self._writing = False
                 self._sealed.task_done()
+            if self._batch.waiters and self._sealed.empty():
+                self._seal()  # pushes that gathered during this write: their turn now
             connection = self._connection
             if (
                 connection is not None
