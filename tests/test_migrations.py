@@ -12,6 +12,7 @@ from sqlalchemy import Connection, inspect
 
 import alerting.models  # noqa: F401 -- puts the alerting tables on Base.metadata
 import api.models  # noqa: F401 -- and the API keys
+import core.held_readings  # and the held pushes' table
 import core.registry_models  # noqa: F401 -- and the registry's
 from core.db import Base, create_engine, current_revision, downgrade, head_revision, upgrade
 from tests.db_fixtures import BACKENDS, fresh_database_url

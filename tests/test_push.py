@@ -226,17 +226,33 @@ async def test_iotda_property_report_is_stored_and_raises_an_alert(
     assert TOKENS["hw"] not in listed.text
 
 
-async def test_an_unknown_external_id_is_kept_as_a_dead_letter(
+async def test_an_unknown_external_id_is_held_and_replayed_once_registered(
     service: Service, influx_server: InfluxServer, influx_db: str
 ) -> None:
     document = json.loads(ctwing_body())
     document["IMEI"] = "860000000000099"
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     async with client(service) as http:
         answer = await http.post(
             "/ingest/v1/ct", params={"token": TOKENS["ct"]}, content=json.dumps(document)
         )
-    assert answer.status_code == 200
-    assert influx_server.count(influx_db) == 0
+        assert answer.status_code == 200
+        assert influx_server.count(influx_db) == 0
+        unknown = (await http.get("/api/v1/sources/unknown", headers=admin)).json()
+        assert [(u["source"], u["external_id"], u["readings"]) for u in unknown] == [
+            ("ct", "860000000000099", 1)
+        ]
+        nothing = await http.post("/api/v1/sources/ct/replay", headers=admin)
+        assert nothing.json() == {"held": 0, "stored": 0, "dead_lettered": 0}
+        device = {"device_id": "NB-99", "source": "ct", "external_id": "860000000000099"}
+        created = await http.post("/api/v1/devices", headers=admin, json=device)
+        assert created.status_code == 201, created.text
+        replayed = await http.post("/api/v1/sources/ct/replay", headers=admin)
+        assert replayed.json() == {"held": 1, "stored": 1, "dead_lettered": 0}
+        assert (await http.get("/api/v1/sources/unknown", headers=admin)).json() == []
+    [point] = influx_server.points(influx_db)
+    assert (point["device_id"], point["seq"], point["tilt_deg"]) == ("NB-99", 3, 52.0)
+    assert point["time"] == document["timestamp"]  # the platform's time, kept while held
     log = DeadLetterLog(service.settings.spool_dir / "deadletters.jsonl", 100)
     [letter] = log.newest(10)
     assert (letter.reason, letter.topic) == ("unknown_device", "ingest/ct/860000000000099")

@@ -8,9 +8,11 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
 
-from api.deps import AdminKey
-from api.errors import ERRORS, NotFoundError
-from ingest.push.handler import PushAnswer, PushIngress
+from api.deps import AdminKey, SessionDep
+from api.errors import ERRORS, ApiError, NotFoundError
+from core.held_readings import UnknownExternalId, list_unknown
+from ingest.errors import IngestUnavailable
+from ingest.push.handler import PushAnswer, PushIngress, ReplayOutcome
 
 router = APIRouter(tags=["ingest"])
 
@@ -70,6 +72,31 @@ class SourceOut(BaseModel):
     has_token: bool
     has_aes_key: bool
     push_path: str | None
+
+
+class Unavailable(ApiError):
+    status, code = 503, "unavailable"
+
+
+@router.get("/api/v1/sources/unknown", responses=ERRORS)
+async def unknown_external_ids(*, _key: AdminKey, session: SessionDep) -> list[UnknownExternalId]:
+    """Ids pushed by a source that no device has: readings held for them, first and last
+    seen. Register a device with that source and external id, then replay (admin)."""
+    return await list_unknown(session=session)
+
+
+@router.post("/api/v1/sources/{source}/replay", responses=ERRORS)
+async def replay_held(*, source: str, _key: AdminKey, request: Request) -> ReplayOutcome:
+    """Stores and evaluates the held readings of ids that a device now has (up to 1,000
+    a call: call again while `held` is 1,000), then forgets them (admin)."""
+    ingress = _ingress(request)
+    found = ingress.source(source)
+    if found is None:
+        raise NotFoundError(f"no source {source!r}")
+    try:
+        return await ingress.replay(found)
+    except IngestUnavailable as exc:
+        raise Unavailable(f"not replayed, try again: {exc}") from None
 
 
 @router.get("/api/v1/sources", responses=ERRORS)

@@ -16,6 +16,7 @@ from sqlalchemy import Connection
 import alerting.models  # noqa: F401 -- registers the tables
 import api.models  # noqa: F401
 import core.registry_models  # noqa: F401
+import core.held_readings  # noqa: F401
 from core.db import Base, create_engine
 
 

@@ -19,10 +19,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from core import held_readings
 from core.clock import wall_clock_ms
 from core.contract import Reading, Reason
-from core.db import transaction
+from core.db import transaction, utcnow
 from core.deadletters import DeadLetter
+from core.held_readings import HeldReadingRow
 from core.registry_models import DeviceRow
 from core.sources import Source, SourceKind, SourcesError, load_sources
 from ingest.bootstrap import ConfigurationError
@@ -90,6 +92,13 @@ class Submitter(Protocol):
     """What the push needs of ingest (IngestService.submit)."""
 
     async def submit(self, readings: list[Reading], dead_letters: list[DeadLetter]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayOutcome:
+    held: int  # held readings replayed (and forgotten)
+    stored: int  # readings stored and evaluated
+    dead_lettered: int  # those the codec or the contract refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,15 +214,69 @@ class PushIngress:
         except (SQLAlchemyError, OSError) as exc:
             logger.warning("push from %s: registry unreachable: %s", source.name, exc)
             return PushAnswer(503, "registry unreachable")
-        readings, letters = self._decode(source, data, devices)
+        readings, letters, unknown = self._decode(source, data, devices)
+        try:
+            if unknown:
+                await self._hold(source, unknown)
+        except (SQLAlchemyError, OSError) as exc:
+            logger.warning("push from %s: cannot hold unknown ids' readings: %s", source.name, exc)
+            return PushAnswer(503, "registry unreachable")
+        if not await self._submit(ingest, source, readings, letters):
+            return PushAnswer(503, "not stored; deliver it again")
+        return PushAnswer(200)
+
+    async def _submit(
+        self, ingest: Submitter, source: Source, readings: list[Reading], letters: list[DeadLetter]
+    ) -> bool:
+        """Whether the readings were made durable and evaluated within the deadline."""
         try:
             async with asyncio.timeout(self._deadline_s):
                 await ingest.submit(readings, letters)
         except (TimeoutError, IngestUnavailable) as exc:
             logger.warning("push from %s not made durable: %s", source.name, exc or "too slow")
-            return PushAnswer(503, "not stored; deliver it again")
+            return False
         self.metrics.readings.labels(source.name).inc(len(readings))
-        return PushAnswer(200)
+        return True
+
+    async def _hold(self, source: Source, unknown: list[PlatformMessage]) -> None:
+        now = utcnow()
+        rows = [
+            HeldReadingRow(
+                source=source.name,
+                external_id=message.external_id,
+                received_at=now,
+                payload=_raw(message.payload),
+                is_json=isinstance(message.payload, dict),
+                seq=message.seq,
+                ts_ms=message.ts_ms,
+            )
+            for message in unknown
+        ]
+        async with transaction(self._sessions) as session:
+            await held_readings.hold(session=session, rows=rows, now=now)
+
+    async def replay(self, source: Source, *, limit: int = 1000) -> ReplayOutcome:
+        """Held readings of ids that a device now has: decoded with its model, stored and
+        evaluated, then forgotten. IngestUnavailable when they could not be made durable."""
+        ingest = self._ingest()
+        if ingest is None:
+            raise IngestUnavailable("this process does not ingest")
+        async with transaction(self._sessions, write=False) as session:
+            found = await held_readings.registered(session=session, source=source.name, limit=limit)
+        now_ms = self._clock_ms()
+        readings: list[Reading] = []
+        letters: list[DeadLetter] = []
+        for row, device_id, model in found:
+            payload: Payload = json.loads(row.payload) if row.is_json else row.payload
+            message = PlatformMessage(row.external_id, payload, seq=row.seq, ts_ms=row.ts_ms)
+            one = self._decode_one(source, _Device(device_id, model), message, now_ms)
+            readings += one[0]
+            letters += one[1]
+        if found and not await self._submit(ingest, source, readings, letters):
+            raise IngestUnavailable("the replayed readings were not made durable")
+        async with transaction(self._sessions) as session:
+            await held_readings.forget(session=session, ids=[row.id for row, _, _ in found])
+        return ReplayOutcome(held=len(found), stored=len(readings), dead_lettered=len(letters))
 
     def _count_statuses(self, source: Source, messages: list[PlatformMessage]) -> None:
         # Kept for the device list of a later change; counted and logged for now.
@@ -241,33 +304,43 @@ class PushIngress:
 
     def _decode(
         self, source: Source, data: list[PlatformMessage], devices: dict[str, _Device]
-    ) -> tuple[list[Reading], list[DeadLetter]]:
+    ) -> tuple[list[Reading], list[DeadLetter], list[PlatformMessage]]:
+        """Readings, dead letters, and the messages of ids no device has (to hold)."""
         now_ms = self._clock_ms()
         readings: list[Reading] = []
         letters: list[DeadLetter] = []
+        unknown: list[PlatformMessage] = []
         for message in data:
-            assert message.payload is not None
-            topic = f"ingest/{source.name}/{message.external_id}"
             device = devices.get(message.external_id)
             if device is None:
+                topic = f"ingest/{source.name}/{message.external_id}"
                 letters.append(_unknown_device(source, message, topic, now_ms))
+                unknown.append(message)
                 continue
-            # A device model that names no codec (registries hold sensor models as free
-            # text, "SC-T3") leaves the choice to the source's model, then v1.
-            model = device.model if self._codecs.knows(device.model) else source.model
-            try:
-                codec = self._codecs.get(model)
-            except UnknownModel as exc:
-                letters.append(_letter(now_ms, topic, Reason.DECODE_FAILED, str(exc), message))
-                continue
-            envelope = Envelope(device.device_id, now_ms, message.seq, message.ts_ms)
-            decoded = decode_payload(codec, message.payload, envelope)
-            readings += decoded.readings
-            letters += [
-                _letter(now_ms, topic, rejection.reason, rejection.detail, message)
-                for rejection in decoded.rejections
-            ]
-        return readings, letters
+            one = self._decode_one(source, device, message, now_ms)
+            readings += one[0]
+            letters += one[1]
+        return readings, letters, unknown
+
+    def _decode_one(
+        self, source: Source, device: _Device, message: PlatformMessage, now_ms: int
+    ) -> tuple[list[Reading], list[DeadLetter]]:
+        assert message.payload is not None
+        topic = f"ingest/{source.name}/{message.external_id}"
+        # A device model that names no codec (registries hold sensor models as free
+        # text, "SC-T3") leaves the choice to the source's model, then v1.
+        model = device.model if self._codecs.knows(device.model) else source.model
+        try:
+            codec = self._codecs.get(model)
+        except UnknownModel as exc:
+            return [], [_letter(now_ms, topic, Reason.DECODE_FAILED, str(exc), message)]
+        envelope = Envelope(device.device_id, now_ms, message.seq, message.ts_ms)
+        decoded = decode_payload(codec, message.payload, envelope)
+        letters = [
+            _letter(now_ms, topic, rejection.reason, rejection.detail, message)
+            for rejection in decoded.rejections
+        ]
+        return decoded.readings, letters
 
 
 class _Refused(Exception):
@@ -300,6 +373,13 @@ def _onenet_verified(source: Source, body: bytes) -> Any:
         except ValueError:
             raise PushMalformed("msg: a string that is not JSON") from None
     return msg
+
+
+def _raw(payload: Payload | None) -> bytes:
+    """A payload as held: a frame's own bytes, or an object's JSON text."""
+    if isinstance(payload, dict):
+        return json.dumps(payload, ensure_ascii=False).encode()
+    return payload or b""
 
 
 def _payload_bytes(payload: Payload) -> bytes:
