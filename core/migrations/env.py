@@ -15,8 +15,8 @@ from sqlalchemy import Connection
 # Every module defining tables on Base is imported here, so autogenerate sees them all.
 import alerting.models  # noqa: F401 -- registers the tables
 import api.models  # noqa: F401
+import core.held_readings  # the held pushes' table (`core` is bound: no F401 here)
 import core.registry_models  # noqa: F401
-import core.held_readings  # noqa: F401
 from core.db import Base, create_engine
 
 
