@@ -26,6 +26,7 @@ from core.deadletters import DeadLetterLog
 from core.registry_schemas import DeviceUpdate
 from smartcover.runtime import Service
 from smartcover.seed import plan_pilot, seed_pilot
+from tests.db_fixtures import BACKENDS, fresh_database_url
 from tests.harness import service_env, serving_in_process, wait_until
 from tests.servers import InfluxServer, MosquittoServer
 
@@ -81,8 +82,7 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-async def seeded_database(tmp_path: Path) -> str:
-    database_url = f"sqlite:///{tmp_path / 'smartcover.db'}"
+async def seeded_database(database_url: str) -> str:
     engine = create_engine(database_url)
     await upgrade(engine)
     sessions = session_factory(engine)
@@ -97,7 +97,12 @@ async def seeded_database(tmp_path: Path) -> str:
 
 @contextlib.asynccontextmanager
 async def running(
-    mosquitto: MosquittoServer, influx: InfluxServer, db: str, tmp_path: Path, **extra: str
+    mosquitto: MosquittoServer,
+    influx: InfluxServer,
+    db: str,
+    tmp_path: Path,
+    database_url: str,
+    **extra: str,
 ) -> AsyncIterator[Service]:
     (tmp_path / "sources.toml").write_text(SOURCES)
     env = service_env(
@@ -105,7 +110,7 @@ async def running(
         influx,
         db,
         tmp_path,
-        SMARTCOVER_DATABASE_URL=await seeded_database(tmp_path),
+        SMARTCOVER_DATABASE_URL=await seeded_database(database_url),
         SMARTCOVER_ADMIN_KEY=ADMIN_KEY,
         SMARTCOVER_SOURCES_FILE=str(tmp_path / "sources.toml"),
         **extra,
@@ -114,11 +119,20 @@ async def running(
         yield built
 
 
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return fresh_database_url(request, tmp_path, "push")
+
+
 @pytest_asyncio.fixture
 async def service(
-    mosquitto: MosquittoServer, influx_server: InfluxServer, influx_db: str, tmp_path: Path
+    mosquitto: MosquittoServer,
+    influx_server: InfluxServer,
+    influx_db: str,
+    tmp_path: Path,
+    database_url: str,
 ) -> AsyncIterator[Service]:
-    async with running(mosquitto, influx_server, influx_db, tmp_path) as built:
+    async with running(mosquitto, influx_server, influx_db, tmp_path, database_url) as built:
         yield built
 
 
@@ -271,6 +285,7 @@ async def test_a_store_outage_answers_503_and_the_redelivery_is_stored_once(
             influx,
             "outage",
             tmp_path,
+            f"sqlite:///{tmp_path / 'smartcover.db'}",
             SMARTCOVER_SPOOL_MAX_MB="0.000001",
             SMARTCOVER_PUSH_DEADLINE_S="2",
         ) as service:
