@@ -66,6 +66,9 @@ token = "{TOKENS["hw"]}"
 kind = "http-json"
 token = "{TOKENS["gw"]}"
 
+[sources.lora]
+kind = "chirpstack"
+
 [sources.lan]
 kind = "http-json"
 token = "{TOKENS["gw"]}"
@@ -235,6 +238,7 @@ async def test_iotda_property_report_is_stored_and_raises_an_alert(
         ("gw", "http-json", True),
         ("hw", "iotda", True),
         ("lan", "http-json", True),
+        ("lora", "chirpstack", False),
         ("one", "onenet", True),
     ]
     assert TOKENS["hw"] not in listed.text
@@ -327,6 +331,8 @@ async def test_http_json_takes_a_v1_batch_and_an_address_outside_allow_is_refuse
         assert outside.status_code == 403
         unknown = await http.post("/ingest/v1/nope", params=token, json=batch)
         assert unknown.status_code == 404
+        lorawan = await http.post("/ingest/v1/lora", params=token, json=batch)
+        assert (lorawan.status_code, lorawan.text) == (404, "this source does not push over HTTP")
         answer = await http.post("/ingest/v1/gw", params=token, json=batch)
         assert answer.status_code == 200, answer.text
         metrics = (await http.get("/metrics")).text

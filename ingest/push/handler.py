@@ -26,7 +26,7 @@ from core.db import transaction, utcnow
 from core.deadletters import DeadLetter
 from core.held_readings import HeldReadingRow
 from core.registry_models import DeviceRow
-from core.sources import Source, SourceKind, SourcesError, load_sources
+from core.sources import PUSH_KINDS, Source, SourceKind, SourcesError, load_sources
 from ingest.bootstrap import ConfigurationError
 from ingest.codecs.base import Envelope, Payload, decode_payload
 from ingest.codecs.registry import CodecConfigError, CodecRegistry, UnknownModel, load_codecs
@@ -156,6 +156,8 @@ class PushIngress:
 
     def admit(self, source: Source, *, token: str | None, address: str | None) -> PushAnswer | None:
         """The refusal of a request before its body is read, or None to go on."""
+        if source.kind not in PUSH_KINDS:  # a LoRaWAN server's: it publishes over MQTT
+            return PushAnswer(404, "this source does not push over HTTP")
         if not source.allows(address):
             self.metrics.refused.labels(source.name, "address").inc()
             return PushAnswer(403, "address not allowed for this source")
