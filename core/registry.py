@@ -511,6 +511,8 @@ def _device(row: DeviceRow, cover_id: str | None) -> Device:
         report_interval_s=row.report_interval_s,
         source=row.source,
         external_id=row.external_id,
+        online=row.online,
+        status_at=row.status_at,
         cover_id=cover_id,
         has_credentials=row.credential_hash is not None,
         created_at=row.created_at,

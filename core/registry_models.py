@@ -101,6 +101,9 @@ class DeviceRow(Base):
     # IMEI, devEUI, the platform's device id (DESIGN §12).
     source: Mapped[str | None] = mapped_column(String(64))
     external_id: Mapped[str | None] = mapped_column(String(128))
+    # Online or offline as its platform last said, and when (null: never said).
+    online: Mapped[bool | None] = mapped_column(Boolean)
+    status_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     report_interval_s: Mapped[int] = mapped_column(Integer)
     # Only a salted hash of the device's MQTT password (see core.registry.hash_secret).
     credential_hash: Mapped[str | None] = mapped_column(String(200))

@@ -474,6 +474,9 @@ class Device(DeviceCreate):
 
     cover_id: str | None = None
     has_credentials: bool = False
+    # As the device's IoT platform last reported it (null: never reported).
+    online: bool | None = None
+    status_at: datetime | None = None
     created_at: datetime
     updated_at: datetime
 

@@ -171,17 +171,25 @@ async def test_ctwing_report_is_stored_evaluated_and_redelivery_changes_nothing(
         assert await alerts(service) == [("cover_open", device)]
         again = await http.post("/ingest/v1/ct", params={"token": TOKENS["ct"]}, content=body)
         assert again.status_code == 200
-        online = json.dumps(vector("ctwing_online_report.json")).encode()
-        status = await http.post("/ingest/v1/ct", params={"token": TOKENS["ct"]}, content=online)
-        assert status.status_code == 200
+        report = vector("ctwing_online_report.json")
+        for event, ago_ms in ((1, 0), (0, 60_000)):  # online now; offline, but older
+            report.update(eventType=event, timestamp=now_ms() - ago_ms)
+            status = await http.post(
+                "/ingest/v1/ct", params={"token": TOKENS["ct"]}, content=json.dumps(report)
+            )
+            assert status.status_code == 200
         metrics = (await http.get("/metrics")).text
+    async with transaction(service.sessions, write=False) as session:
+        recorded = await registry.get_device(session=session, device_id=device)
+    assert recorded.online is True  # the late offline report changed nothing
+    assert recorded.status_at is not None
     [point] = influx_server.points(influx_db)
     assert (point["device_id"], point["seq"]) == (device, 3)  # the frame's seq
     assert (point["tilt_deg"], point["water_level_cm"], point["rssi_dbm"]) == (52.0, 35.0, -81)
     assert point["cover_id"] == plan_pilot(3)[0].cover_id
     assert await alerts(service) == [("cover_open", device)]
     assert 'smartcover_push_refused_total{reason="bad_signature",source="ct"} 1.0' in metrics
-    assert 'smartcover_push_status_messages_total{source="ct"} 1.0' in metrics
+    assert 'smartcover_push_status_messages_total{source="ct"} 2.0' in metrics
 
 
 def onenet_signed(msg_text: str, token: str, nonce: str = "Xk3Tq9Ab") -> bytes:

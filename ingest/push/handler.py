@@ -12,10 +12,11 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -206,7 +207,13 @@ class PushIngress:
     async def _take(self, source: Source, messages: list[PlatformMessage]) -> PushAnswer:
         ingest = self._ingest()
         data = [message for message in messages if message.payload is not None]
-        self._count_statuses(source, messages)
+        statuses = [message for message in messages if message.online is not None]
+        if statuses:
+            try:
+                await self._record_statuses(source, statuses)
+            except (SQLAlchemyError, OSError) as exc:
+                logger.warning("push from %s: cannot record statuses: %s", source.name, exc)
+                return PushAnswer(503, "registry unreachable")
         if not data:
             return PushAnswer(200)
         if ingest is None:
@@ -280,17 +287,24 @@ class PushIngress:
             await held_readings.forget(session=session, ids=[row.id for row, _, _ in found])
         return ReplayOutcome(held=len(found), stored=len(readings), dead_lettered=len(letters))
 
-    def _count_statuses(self, source: Source, messages: list[PlatformMessage]) -> None:
-        # Kept for the device list of a later change; counted and logged for now.
-        for message in messages:
-            if message.online is not None:
-                self.metrics.statuses.labels(source.name).inc()
-                logger.info(
-                    "%s: device %s %s",
-                    source.name,
-                    message.external_id,
-                    "online" if message.online else "offline",
+    async def _record_statuses(self, source: Source, statuses: list[PlatformMessage]) -> None:
+        """Online/offline on the device record; an older report than the one recorded
+        (a redelivery, a late retry) changes nothing. Unknown ids are only counted."""
+        now_ms = self._clock_ms()
+        async with transaction(self._sessions) as session:
+            for message in statuses:
+                at = datetime.fromtimestamp((message.ts_ms or now_ms) / 1000, UTC)
+                await session.execute(
+                    update(DeviceRow)
+                    .where(
+                        DeviceRow.source == source.name,
+                        DeviceRow.external_id == message.external_id,
+                        or_(DeviceRow.status_at.is_(None), DeviceRow.status_at < at),
+                    )
+                    # The record's own updated_at is for registry edits, not reports.
+                    .values(online=message.online, status_at=at, updated_at=DeviceRow.updated_at)
                 )
+        self.metrics.statuses.labels(source.name).inc(len(statuses))
 
     async def _devices(self, source: Source, external_ids: set[str]) -> dict[str, _Device]:
         query = select(DeviceRow.external_id, DeviceRow.device_id, DeviceRow.model).where(
